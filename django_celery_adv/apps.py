@@ -1,0 +1,17 @@
+"""App config: wires checks and signals; does no I/O."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class CeleryAdvConfig(AppConfig):
+    name = "django_celery_adv"
+    verbose_name = "Celery"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)
+        from .registry import install_default_app
+
+        install_default_app()

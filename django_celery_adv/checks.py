@@ -1,0 +1,315 @@
+"""System checks for ``CELERY_ADV``: every mistake is a message with a stable id.
+
+Ids are never reused:
+
+======  ==============================================================
+E001    ``CELERY_ADV`` is not a dict
+E002    unknown key in ``CELERY_ADV``
+E003    ``APPS`` missing, not a dict, or without a ``default`` alias
+E004    an app's settings are not a dict or lack ``broker_url``
+E005    an app's broker URL has a scheme no kombu transport handles
+E006    ``TASK_APPS`` is malformed or names an unknown alias
+E007    the client library of an app's broker transport is not installed
+E008    two apps on one broker share a control exchange (cross-talk)
+E009    two apps on one broker share a default queue (stolen tasks)
+E010    ``LOCK_BACKENDS`` missing ``default``, or an entry is malformed
+E011    a lock backend's ``BACKEND`` cannot be imported
+E012    a lock backend lacks a required option
+E013    ``LOCK_DEFAULTS`` has an unknown key or a bad value
+E014    ``LOGGING`` is not None, a dict, or an importable callable
+E015    ``INSPECT_TIMEOUT``, ``RECORD_FAILURES`` or
+        ``FAILURE_RETENTION_DAYS`` has a bad value
+W001    an app sets a key that is not a Celery setting (a typo?)
+======  ==============================================================
+
+Checks read settings only: they build no Celery app and open no connection.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
+
+from . import conf
+from .exceptions import InvalidLockBackendError
+from .locks.backends import load_backend_class, pip_extra_for
+from .registry import isolation_defaults
+
+ID = "django_celery_adv.{}"
+
+#: kombu transport module -> the client it needs and the pip install that brings it.
+TRANSPORT_CLIENTS = {
+    "redis": ("redis", "pip install 'django-celery-adv[redis]'"),
+    "rediss": ("redis", "pip install 'django-celery-adv[redis]'"),
+    "sentinel": ("redis", "pip install 'django-celery-adv[redis]'"),
+    "mongodb": ("pymongo", "pip install 'django-celery-adv[mongodb]'"),
+    "sqla": ("sqlalchemy", "pip install sqlalchemy"),
+    "sqlalchemy": ("sqlalchemy", "pip install sqlalchemy"),
+    "zookeeper": ("kazoo", "pip install 'django-celery-adv[zookeeper]'"),
+    "librabbitmq": ("librabbitmq", "pip install librabbitmq"),
+}
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671,
+                 "pyamqp": 5672, "mongodb": 27017}
+AMQP_SCHEMES = {"amqp", "amqps", "pyamqp", "librabbitmq"}
+LOCK_DEFAULT_KEYS = {"TTL", "RETRY_COUNTDOWN", "RETRY_JITTER", "RETRY_BACKOFF", "MAX_RETRIES"}
+
+
+def _error(number: str, msg: str, hint: str | None = None, obj: str = "CELERY_ADV") -> Error:
+    return Error(msg, hint=hint, obj=obj, id=ID.format(number))
+
+
+@register(Tags.compatibility)
+def check_celery_adv_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    raw = conf.user_settings()
+    if not isinstance(raw, dict):
+        return [_error("E001", f"CELERY_ADV must be a dict, not {type(raw).__name__}.",
+                       hint="See the Settings section of the README.")]
+    messages: list[CheckMessage] = []
+    for key in sorted(set(raw) - set(conf.DEFAULTS)):
+        messages.append(_error(
+            "E002", f"CELERY_ADV has an unknown key {key!r}.",
+            hint=f"Known keys: {', '.join(sorted(conf.DEFAULTS))}.",
+        ))
+    config = conf.get_config()
+    messages += check_apps(config["APPS"])
+    messages += check_task_apps(config["TASK_APPS"], config["APPS"])
+    messages += check_lock_backends(config["LOCK_BACKENDS"])
+    messages += check_lock_defaults(config["LOCK_DEFAULTS"])
+    messages += check_logging(config["LOGGING"])
+    messages += check_scalars(config)
+    return messages
+
+
+# -- APPS -------------------------------------------------------------------
+
+def broker_urls(app_settings: Mapping[str, Any]) -> list[str]:
+    """The URLs of ``broker_url``: a list, or a string of ``;``-separated failovers."""
+    value = app_settings.get("broker_url")
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(";") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [str(part) for part in value]
+    return []
+
+
+def transport_of(url: str) -> str:
+    """``sqla+sqlite://`` -> ``sqla``: the part kombu picks a transport by."""
+    return url.partition("://")[0].partition("+")[0].lower()
+
+
+def check_apps(app_settings: Any) -> list[CheckMessage]:
+    if not isinstance(app_settings, dict) or not app_settings:
+        return [_error("E003", "CELERY_ADV['APPS'] must be a non-empty dict of alias -> "
+                       "Celery settings.",
+                       hint="e.g. {'default': {'broker_url': 'redis://127.0.0.1:6379/0'}}")]
+    messages: list[CheckMessage] = []
+    if conf.DEFAULT_APP_ALIAS not in app_settings:
+        messages.append(_error(
+            "E003", "CELERY_ADV['APPS'] has no 'default' alias.",
+            hint="Shared tasks with no TASK_APPS match are sent through 'default'; add it.",
+        ))
+    valid: dict[str, Mapping[str, Any]] = {}
+    for alias, settings in app_settings.items():
+        obj = f"CELERY_ADV['APPS'][{alias!r}]"
+        if not isinstance(settings, dict) or not broker_urls(settings):
+            messages.append(_error(
+                "E004", f"{obj} has no 'broker_url'.",
+                hint="Each app needs its own broker_url (lowercase Celery setting names).",
+                obj=obj))
+            continue
+        messages += _check_setting_names(obj, settings)
+        url_errors = _check_broker_urls(obj, broker_urls(settings))
+        messages += url_errors
+        if not url_errors:
+            valid[alias] = settings
+    messages += _check_shared_brokers(valid)
+    return messages
+
+
+def _check_setting_names(obj: str, settings: Mapping[str, Any]) -> list[CheckMessage]:
+    from celery.app.defaults import DEFAULTS as CELERY_DEFAULTS
+
+    messages: list[CheckMessage] = []
+    for key in sorted(settings):
+        if key not in CELERY_DEFAULTS:
+            messages.append(Warning(
+                f"{obj} sets {key!r}, which is not a Celery setting; it is ignored.",
+                hint="Use Celery's lowercase setting names, e.g. 'broker_url', "
+                     "'result_backend', 'task_default_queue'.",
+                obj=obj, id=ID.format("W001")))
+    return messages
+
+
+def _check_broker_urls(obj: str, urls: Iterable[str]) -> list[CheckMessage]:
+    from kombu.transport import TRANSPORT_ALIASES
+
+    messages: list[CheckMessage] = []
+    for url in urls:
+        scheme = transport_of(url)
+        if "://" not in url or scheme not in TRANSPORT_ALIASES:
+            messages.append(_error(
+                "E005", f"{obj} has a broker URL with an unsupported scheme {scheme!r}.",
+                hint=f"Use one of kombu's transports: {', '.join(sorted(TRANSPORT_ALIASES))}.",
+                obj=obj))
+            continue
+        client = TRANSPORT_CLIENTS.get(scheme)
+        if client and importlib.util.find_spec(client[0]) is None:
+            messages.append(_error(
+                "E007", f"{obj} uses the {scheme!r} transport but {client[0]!r} is not "
+                        "installed.", hint=client[1], obj=obj))
+    return messages
+
+
+def broker_identity(settings: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes two apps' brokers the same server, vhost or database."""
+    url = broker_urls(settings)[0]
+    scheme = transport_of(url)
+    if scheme == "filesystem":
+        options = settings.get("broker_transport_options") or {}
+        return (scheme, options.get("control_folder"), options.get("data_folder_in"))
+    if scheme == "memory":
+        return (scheme,)
+    parts = urlsplit(url)
+    host = (parts.hostname or "localhost").lower()
+    if host == "localhost":
+        host = "127.0.0.1"
+    path = parts.path.strip("/")
+    if scheme in AMQP_SCHEMES:
+        scheme, path = "amqp", path or "/"
+    elif scheme in ("redis", "rediss"):
+        path = path or "0"
+    return (scheme, host, parts.port or DEFAULT_PORTS.get(scheme), path)
+
+
+def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    seen: dict[tuple[Any, ...], list[str]] = {}
+    for alias, settings in app_settings.items():
+        seen.setdefault(broker_identity(settings), []).append(alias)
+    for aliases in seen.values():
+        for setting, number, consequence in (
+            ("control_exchange", "E008", "answer each other's inspect/control broadcasts"),
+            ("task_default_queue", "E009", "consume each other's tasks"),
+        ):
+            by_name: dict[str, list[str]] = {}
+            for alias in aliases:
+                effective = app_settings[alias].get(setting) or \
+                    isolation_defaults(alias).get(setting, "celery")
+                by_name.setdefault(effective, []).append(alias)
+            for name, clash in by_name.items():
+                if len(clash) > 1:
+                    messages.append(_error(
+                        number,
+                        f"Apps {', '.join(map(repr, clash))} share a broker and the "
+                        f"{setting} {name!r}: their workers would {consequence}.",
+                        hint=f"Remove the explicit {setting!r} (each alias then gets its "
+                             f"own) or give each app a different one.",
+                        obj=f"CELERY_ADV['APPS'][{clash[1]!r}]"))
+    return messages
+
+
+# -- TASK_APPS --------------------------------------------------------------
+
+def check_task_apps(task_apps: Any, app_settings: Any) -> list[CheckMessage]:
+    if not isinstance(task_apps, dict):
+        return [_error("E006", "CELERY_ADV['TASK_APPS'] must be a dict of task-name glob "
+                       "-> app alias.", hint="e.g. {'reports.tasks.*': 'global'}")]
+    known = set(app_settings) if isinstance(app_settings, dict) else set()
+    return [
+        _error("E006", f"CELERY_ADV['TASK_APPS'][{pattern!r}] names the unknown app "
+                       f"{alias!r}.", hint=f"Known apps: {', '.join(sorted(known)) or 'none'}.")
+        for pattern, alias in task_apps.items() if alias not in known
+    ]
+
+
+# -- LOCK_BACKENDS ----------------------------------------------------------
+
+def check_lock_backends(backends: Any) -> list[CheckMessage]:
+    if not isinstance(backends, dict) or conf.DEFAULT_LOCK_BACKEND_ALIAS not in backends:
+        return [_error("E010", "CELERY_ADV['LOCK_BACKENDS'] must be a dict with a 'default' "
+                       "alias.", hint=f"The embedded default is {conf.DATABASE_LOCK_BACKEND!r}.")]
+    messages: list[CheckMessage] = []
+    for alias, params in backends.items():
+        obj = f"CELERY_ADV['LOCK_BACKENDS'][{alias!r}]"
+        if not isinstance(params, dict) or not isinstance(params.get("BACKEND"), str):
+            messages.append(_error("E010", f"{obj} needs a 'BACKEND' dotted path.",
+                                   hint="And optionally 'OPTIONS': {...}.", obj=obj))
+            continue
+        try:
+            backend_cls = load_backend_class(params["BACKEND"])
+        except InvalidLockBackendError as e:
+            extra = pip_extra_for(params["BACKEND"])
+            hint = (f"pip install 'django-celery-adv[{extra}]'" if extra
+                    else "Check the dotted path of the LockBackend subclass.")
+            messages.append(_error("E011", str(e), hint=hint, obj=obj))
+            continue
+        options = params.get("OPTIONS") or {}
+        missing = [name for name in backend_cls.required_options if name not in options]
+        if missing:
+            messages.append(_error(
+                "E012", f"{obj} lacks the required option(s) {', '.join(map(repr, missing))}.",
+                hint=f"{backend_cls.__name__} needs OPTIONS with: "
+                     f"{', '.join(backend_cls.required_options)}.", obj=obj))
+    return messages
+
+
+def check_lock_defaults(defaults: Any) -> list[CheckMessage]:
+    obj = "CELERY_ADV['LOCK_DEFAULTS']"
+    if not isinstance(defaults, dict):
+        return [_error("E013", f"{obj} must be a dict.", obj=obj)]
+    messages = [_error("E013", f"{obj} has an unknown key {key!r}.",
+                       hint=f"Known keys: {', '.join(sorted(LOCK_DEFAULT_KEYS))}.", obj=obj)
+                for key in sorted(set(defaults) - LOCK_DEFAULT_KEYS)]
+    rules = {
+        "TTL": (lambda v: _number(v) and v >= 1, "a number of seconds >= 1"),
+        "RETRY_COUNTDOWN": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+        "RETRY_JITTER": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
+        "RETRY_BACKOFF": (lambda v: isinstance(v, bool), "True or False"),
+        "MAX_RETRIES": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v >= 0), "None (forever) or an int >= 0"),
+    }
+    for key, (valid, expected) in rules.items():
+        if key in defaults and not valid(defaults[key]):
+            messages.append(_error("E013", f"{obj}[{key!r}] is {defaults[key]!r}; expected "
+                                           f"{expected}.", obj=obj))
+    return messages
+
+
+# -- LOGGING and scalars ------------------------------------------------------
+
+def check_logging(value: Any) -> list[CheckMessage]:
+    if value is None or isinstance(value, dict):
+        return []
+    if isinstance(value, str):
+        try:
+            if callable(import_string(value)):
+                return []
+        except ImportError as e:
+            return [_error("E014", f"CELERY_ADV['LOGGING'] {value!r} cannot be imported: {e}.",
+                           hint="Give the dotted path of a callable.")]
+    return [_error("E014", "CELERY_ADV['LOGGING'] must be None, a logging dictConfig dict, "
+                           "or the dotted path of a callable.")]
+
+
+def check_scalars(config: Mapping[str, Any]) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    timeout = config["INSPECT_TIMEOUT"]
+    if not (_number(timeout) and timeout > 0):
+        messages.append(_error("E015", f"CELERY_ADV['INSPECT_TIMEOUT'] is {timeout!r}; "
+                                       "expected a number of seconds > 0."))
+    if not isinstance(config["RECORD_FAILURES"], bool):
+        messages.append(_error("E015", "CELERY_ADV['RECORD_FAILURES'] must be True or False."))
+    days = config["FAILURE_RETENTION_DAYS"]
+    if not (isinstance(days, int) and not isinstance(days, bool) and days >= 1):
+        messages.append(_error("E015", f"CELERY_ADV['FAILURE_RETENTION_DAYS'] is {days!r}; "
+                                       "expected an int >= 1."))
+    return messages
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,127 @@
+"""The contract every lock backend keeps, and the lease it hands out.
+
+A backend grants up to ``capacity`` concurrent leases on a lock name. Each
+grant gets a fencing token that is strictly greater than every token granted
+before it for that name, so a storage can reject a writer whose lease has been
+superseded. Guarantees:
+
+* never more holders than capacity (capacity 0 grants nothing: the lock is paused);
+* a holder that dies frees its slot within its TTL (ZooKeeper: the session timeout);
+* ``renew`` extends only a lease that is still held; a lease that expired is
+  reported as lost (``renew`` returns False), never silently extended;
+* ``release`` of a lease that was lost frees nothing that another holder owns.
+
+Error handling: a backend translates its client's errors into
+:class:`~django_celery_adv.exceptions.LockError` (chained with ``from``), so
+callers handle one family whatever server is behind the lock.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: stored with it so anyone can list the holders."""
+
+    task_id: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "hostname": self.hostname, "pid": self.pid}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Holder:
+        return cls(task_id=data.get("task_id"), hostname=str(data.get("hostname", "")),
+                   pid=int(data.get("pid") or 0))
+
+
+@dataclass(eq=False)
+class Lease:
+    """One granted slot of a lock. Mutable only by its backend and heartbeat."""
+
+    name: str
+    slot: int
+    token: int
+    holder: Holder
+    acquired_at: datetime
+    expires_at: datetime
+    #: Seconds each grant or renewal keeps the lease alive.
+    ttl: float = 60.0
+    backend: str = "default"
+    #: Backend-private handle (a ZooKeeper recipe, an etcd lease id ...).
+    handle: Any = field(default=None, repr=False, compare=False)
+    lost: bool = False
+    on_lost: Callable[[Lease], None] | None = field(default=None, repr=False)
+    _lost_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def is_valid(self) -> bool:
+        """True while the lease is held: not reported lost and not past expiry."""
+        return not self.lost and datetime.now(UTC) < self.expires_at
+
+    def mark_lost(self) -> bool:
+        """Flag the lease lost once; returns True for the caller that flagged it."""
+        with self._lost_lock:
+            if self.lost:
+                return False
+            self.lost = True
+            return True
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def from_timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class LockBackend(abc.ABC):
+    """Base of the lock backends: five methods, one module per server.
+
+    Subclasses create their client lazily (after fork in prefork children)
+    and must be safe to use from several threads of one process.
+    """
+
+    #: OPTIONS keys without which the backend cannot work (system check E012).
+    required_options: tuple[str, ...] = ()
+
+    def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
+        self.alias = alias
+        self.options = dict(options)
+
+    @abc.abstractmethod
+    def acquire(self, name: str, capacity: int, holder: Holder, ttl: float) -> Lease | None:
+        """Grant a free slot of ``name`` or return None at once if all are held."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease) -> None:
+        """Give the slot back; a lease that is no longer held is a no-op."""
+
+    @abc.abstractmethod
+    def renew(self, lease: Lease) -> bool:
+        """Push ``expires_at`` one TTL ahead; False if the lease was lost."""
+
+    @abc.abstractmethod
+    def holders(self, name: str) -> list[Lease]:
+        """The live leases of ``name``, in slot order."""
+
+    @abc.abstractmethod
+    def force_release(self, name: str, token: int) -> bool:
+        """Free the slot granted with ``token`` whoever holds it (admin action)."""
+
+    def close(self) -> None:
+        """Drop client connections (tests, process shutdown)."""
+
+    def describe(self) -> str:
+        """Where the backend points, with no secret in it (admin, status output)."""
+        return type(self).__name__

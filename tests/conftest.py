@@ -1,0 +1,82 @@
+"""Fixtures: real servers (checked once, loudly) and real worker processes."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+
+from tests.workers import WorkerProcess
+
+#: service -> (URL setting, what installs/starts it)
+SERVICES = {
+    "Redis": (settings.REDIS_URL, "apt-get install redis-server, or run scripts/test.sh"),
+    "RabbitMQ": (settings.AMQP_URL, "apt-get install rabbitmq-server, or run scripts/test.sh"),
+}
+
+
+def _listening(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = [f"{name} at {urlsplit(url).hostname}:{urlsplit(url).port}: {how}"
+               for name, (url, how) in SERVICES.items() if not _listening(url)]
+    if missing:
+        pytest.exit("servers the tests need are not reachable (nothing is skipped):\n  "
+                    + "\n  ".join(missing), returncode=3)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    db = settings.DATABASES["default"]
+    return [f"django-celery-adv: database {db['ENGINE'].rsplit('.', 1)[-1]}, "
+            f"redis {settings.REDIS_URL}, rabbitmq {urlsplit(settings.AMQP_URL).hostname}"]
+
+
+@pytest.fixture(scope="session")
+def clean_brokers():
+    """Empty the test Redis database and the apps' queues once per session."""
+    import redis
+
+    from django_celery_adv.registry import apps
+
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    for alias in apps:
+        apps[alias].control.purge()
+
+
+@pytest.fixture(scope="session")
+def worker_pool(django_db_setup, django_db_blocker, clean_brokers):
+    """Start each alias's worker once per session; stop them all at the end."""
+    started: dict[str, WorkerProcess] = {}
+
+    def get(alias: str) -> WorkerProcess:
+        if alias not in started:
+            started[alias] = WorkerProcess(alias).start()
+        return started[alias]
+
+    yield get
+    for worker in started.values():
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def default_worker(worker_pool) -> WorkerProcess:
+    return worker_pool("default")
+
+
+@pytest.fixture(scope="session")
+def global_worker(worker_pool) -> WorkerProcess:
+    return worker_pool("global")
+
+
+@pytest.fixture(scope="session")
+def twin_worker(worker_pool) -> WorkerProcess:
+    return worker_pool("twin")
