@@ -15,7 +15,7 @@ declare -A PORT=([redis]=${REDIS_PORT:-6379} [rabbitmq]=${RABBITMQ_PORT:-5672}
   [zookeeper]=${ZOOKEEPER_PORT:-2181} [etcd]=${ETCD_PORT:-2379})
 declare -A PKG=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=zookeeper [etcd]=etcd-server)
 # What the recorded pid's command line must contain, so a recycled pid is never killed.
-declare -A CMD=([redis]=redis-server [rabbitmq]=rabbit [zookeeper]=ZooKeeperServerMain [etcd]='etcd --name')
+declare -A CMD=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=ZooKeeperServerMain [etcd]='etcd --name')
 PG_PORT=${POSTGRES_PORT:-5432}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
 EPMD_PORT=${ERL_EPMD_PORT:-4369}
@@ -25,7 +25,7 @@ die() { echo "services.sh: $*" >&2; exit 1; }
 # Alive and not a zombie (PID 1 here may be slow to reap orphans).
 alive() { [ -r "/proc/$1/stat" ] && ! grep -q '^[^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
 listening() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == *"ok installed"* ]]; }
 # Send raw bytes to a port; succeed once the reply contains the expected text.
 ask() {
   python3 - "$@" 2>/dev/null <<'EOF'
@@ -48,13 +48,14 @@ record() { unrecord "$1"; echo "$1 $2" >>"$RECORD"; }
 unrecord() { [ -f "$RECORD" ] && sed -i "/^$1 /d" "$RECORD" || true; }
 # True when the recorded pid is alive and still is the server we started.
 owned() {
-  local pid; pid=$(recorded_pid "$1")
-  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "${CMD[$1]}"
+  local pid cmd; pid=$(recorded_pid "$1")   # (no pipe into grep -q: SIGPIPE + pipefail)
+  [ -n "$pid" ] && alive "$pid" && cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline") && [[ $cmd == *"${CMD[$1]}"* ]]
 }
-# Own session (setsid) so servers outlive this shell and its process group.
+# Own session (setsid) so servers outlive this shell and its process group; cwd in
+# STATE_DIR so crash dumps (erl_crash.dump, hs_err_*.log) stay out of the repo.
 spawn() {
   local name=$1; shift
-  setsid "$@" >"$STATE_DIR/$name.log" 2>&1 </dev/null &
+  (cd "$STATE_DIR" && exec setsid "$@" >"$STATE_DIR/$name.log" 2>&1 </dev/null) &
   record "$name" $!
 }
 
@@ -82,7 +83,7 @@ start_redis() {
   spawn redis redis-server --bind 127.0.0.1 --port "${PORT[redis]}" --save '' --appendonly no --dir "$STATE_DIR/redis"
 }
 start_rabbitmq() {
-  rm -rf "$RMQ_DIR/mnesia"; mkdir -p "$RMQ_DIR/home" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+  rm -rf "$RMQ_DIR/mnesia" "$RMQ_DIR/log"; mkdir -p "$RMQ_DIR/home" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
   echo '[].' >"$RMQ_DIR/enabled_plugins"
   listening "$EPMD_PORT" || record epmd 0   # rabbit will start epmd: then it is ours to kill
   spawn rabbitmq env "${RMQ_ENV[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server
@@ -101,7 +102,7 @@ start_etcd() {
   local c=http://127.0.0.1:${PORT[etcd]} p=http://127.0.0.1:$ETCD_PEER_PORT
   rm -rf "$STATE_DIR/etcd"
   # env -u: etcd reads ETCD_* variables as flags and warns about ours.
-  spawn etcd env -u ETCD_PORT -u ETCD_PEER_PORT etcd --name services --data-dir "$STATE_DIR/etcd" --listen-client-urls "$c" --advertise-client-urls "$c" \
+  spawn etcd env -u ETCD_PORT -u ETCD_PEER_PORT etcd --name services --logger zap --data-dir "$STATE_DIR/etcd" --listen-client-urls "$c" --advertise-client-urls "$c" \
     --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" --initial-cluster "services=$p"
 }
 
@@ -116,7 +117,7 @@ wait_ready() {
     if ! alive "$pid" || ((SECONDS >= end)); then
       echo "services.sh: $name did not come up on 127.0.0.1:${PORT[$name]} within ${DEADLINE}s; log tail:" >&2
       tail -n 25 "$STATE_DIR/$name.log" >&2 || true
-      [ "$name" = rabbitmq ] && tail -n 25 "$RMQ_DIR"/log/*.log >&2 2>/dev/null || true
+      [ "$name" = rabbitmq ] && tail -n 10 "$RMQ_DIR/log/rabbit@localhost.log" >&2 2>/dev/null || true
       stop_one "$name" >/dev/null; [ "$name" = rabbitmq ] && stop_one epmd >/dev/null
       die "$name failed: it needs Debian package ${PKG[$name]} (apt-get install ${PKG[$name]}); see the log above (port in use?)"
     fi
@@ -128,7 +129,8 @@ wait_ready() {
 stop_one() {
   local name=$1 pid i; pid=$(recorded_pid "$name")
   if [ "$name" = epmd ]; then
-    [ -n "$pid" ] && { epmd -kill >/dev/null 2>&1 || true; echo "stopped epmd"; }
+    # epmd itself refuses -kill while any Erlang node is still registered with it.
+    [ -n "$pid" ] && { epmd -kill >/dev/null 2>&1 && echo "stopped epmd" || true; }
   elif owned "$name"; then
     [ "$name" = rabbitmq ] && { timeout 60 rmqctl stop >/dev/null 2>&1 || true; }
     kill "$pid" 2>/dev/null || true
@@ -142,7 +144,7 @@ stop_one() {
 start_postgres() {
   if ! listening "$PG_PORT"; then
     installed postgresql || apt_install postgresql
-    local ver; ver=$(ls /etc/postgresql 2>/dev/null | head -1)
+    local ver; ver=$(ls /etc/postgresql 2>/dev/null | head -1) || true
     [ -n "$ver" ] && $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start >>"$STATE_DIR/postgresql.log" 2>&1 || true
     local end=$((SECONDS + DEADLINE))
     until listening "$PG_PORT"; do
