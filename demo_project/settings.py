@@ -82,10 +82,7 @@ def filesystem_app(alias: str) -> dict:
 
 def server_app(broker_url: str) -> dict:
     """Celery settings for one app on a real broker given by URL."""
-    if broker_url.startswith(("redis", "mongodb")):
-        backend = broker_url
-    else:
-        backend = "rpc://"
+    backend = broker_url if broker_url.startswith(("redis", "mongodb")) else "rpc://"
     return {"broker_url": broker_url, "result_backend": backend}
 
 

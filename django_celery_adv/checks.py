@@ -56,7 +56,8 @@ TRANSPORT_CLIENTS = {
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671,
                  "pyamqp": 5672, "mongodb": 27017}
 AMQP_SCHEMES = {"amqp", "amqps", "pyamqp", "librabbitmq"}
-LOCK_DEFAULT_KEYS = {"TTL", "RETRY_COUNTDOWN", "RETRY_JITTER", "RETRY_BACKOFF", "MAX_RETRIES"}
+LOCK_DEFAULT_KEYS = {"TTL", "RETRY_COUNTDOWN", "RETRY_JITTER", "RETRY_BACKOFF", "WAIT",
+                     "MAX_RETRIES"}
 
 
 def _error(number: str, msg: str, hint: str | None = None, obj: str = "CELERY_ADV") -> Error:
@@ -270,6 +271,7 @@ def check_lock_defaults(defaults: Any) -> list[CheckMessage]:
         "RETRY_COUNTDOWN": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
         "RETRY_JITTER": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
         "RETRY_BACKOFF": (lambda v: isinstance(v, bool), "True or False"),
+        "WAIT": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
         "MAX_RETRIES": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
                                                 and v >= 0), "None (forever) or an int >= 0"),
     }

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
+
+#: Safe as a Redis key part, a ZooKeeper node, an etcd key and a MongoDB value.
+LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def validate_lock_name(name: str) -> None:
+    if not LOCK_NAME_RE.match(name) or name in (".", ".."):
+        raise ValidationError(
+            "%(name)r is not a valid lock name: use 1-200 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit.", params={"name": name})
 
 
 class LockFence(models.Model):
@@ -28,7 +42,7 @@ class LockLease(models.Model):
     name = models.CharField(max_length=200, db_index=True)
     slot = models.PositiveIntegerField()
     token = models.BigIntegerField()
-    task_id = models.CharField(max_length=255, blank=True, null=True)
+    task_id = models.CharField(max_length=255, blank=True)
     hostname = models.CharField(max_length=255, blank=True)
     pid = models.PositiveIntegerField(default=0)
     acquired_at = models.DateTimeField()
@@ -42,3 +56,60 @@ class LockLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}[{self.slot}] #{self.token}"
+
+
+def lock_backend_choices() -> list[tuple[str, str]]:
+    from . import conf
+
+    return [(alias, alias) for alias in conf.lock_backend_settings()]
+
+
+class LockDefinition(models.Model):
+    """A lock the code uses, as operators tune it in the admin: the row wins.
+
+    A name used in code with no row gets one created with the code's defaults,
+    so the admin lists every lock in use. Running workers pick up edits within
+    ``definitions.REFRESH_SECONDS`` without a restart.
+    """
+
+    class OnBusy(models.TextChoices):
+        RETRY = "retry", "retry later"
+        DROP = "drop", "drop the call"
+
+    name = models.CharField(
+        max_length=200, unique=True, validators=[validate_lock_name],
+        help_text="Letters, digits and . _ - only; the same key on every backend.")
+    backend = models.CharField(max_length=100, default="default")
+    capacity = models.PositiveIntegerField(
+        default=1, help_text="How many may hold it at once; 0 pauses it (nothing new granted).")
+    ttl = models.FloatField(
+        "lease TTL (s)", default=60, validators=[MinValueValidator(1)],
+        help_text="A holder that stops renewing loses its slot after this many seconds.")
+    retry_countdown = models.FloatField("retry countdown (s)", default=5,
+                                        validators=[MinValueValidator(0)])
+    retry_jitter = models.FloatField("retry jitter (s)", default=1,
+                                     validators=[MinValueValidator(0)])
+    retry_backoff = models.BooleanField(
+        default=False, help_text="Double the countdown with each retry (capped at 10x).")
+    wait = models.FloatField(
+        "wait in the worker (s)", default=1.0, validators=[MinValueValidator(0)],
+        help_text="How long a busy task polls for a slot before going back to the queue.")
+    max_retries = models.PositiveIntegerField(
+        blank=True, null=True, help_text="Lock retries before LockUnavailable; empty = forever.")
+    on_busy = models.CharField(max_length=10, choices=OnBusy.choices, default=OnBusy.RETRY)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("force_release_lock", "Can force-release a lock's holders")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from . import conf
+
+        if self.backend not in conf.lock_backend_settings():
+            raise ValidationError({"backend": f"Unknown lock backend {self.backend!r}."})

@@ -110,6 +110,13 @@ class AdvCelery(Celery):
         opts.setdefault("adv_alias", self.alias)
         return super().task(*args, **opts)
 
+    def register_task(self, task: Any, **options: Any) -> Any:
+        # A class-based task registered on one alias belongs to it, like app.task.
+        task = super().register_task(task, **options)
+        if getattr(task, "adv_alias", None) is None:
+            task.adv_alias = self.alias
+        return task
+
     def __repr__(self) -> str:
         return f"<AdvCelery {self.alias!r}>"
 

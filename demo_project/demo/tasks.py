@@ -1,9 +1,11 @@
-"""The seed's examples: a task on each of two apps, and a routed shared task."""
+"""The seed's examples: a task on each of two apps, a routed shared task, two locks."""
 
 import socket
+import time
 
 from celery import shared_task
 
+from django_celery_adv.locks import LockedTask, current_lease, lock, locked
 from django_celery_adv.registry import apps
 
 
@@ -23,3 +25,35 @@ def collect_stats(self) -> dict:
 def build_report(self, month: str) -> str:
     """A shared task: ``TASK_APPS`` sends it to ``global`` from any thread."""
     return f"report {month} built by {self.request.hostname}"
+
+
+@apps["default"].task(name="demo.tasks.save_to_storage", bind=True)
+@locked("save-to-storage-task", 10)
+def save_to_storage(self, data: str) -> dict:
+    """The seed's semaphore: at most 10 at once (the admin row can change that)."""
+    time.sleep(2)
+    lease = current_lease()
+    return {"data": data, "slot": lease.slot, "fencing_token": lease.token}
+
+
+class ImportDataTask(LockedTask):
+    """The seed's mutex: a second import while one runs is dropped, not queued."""
+
+    name = "demo.tasks.import_data"
+    lock_name = "import-data"
+    retry_on_lock = False
+
+    def locked_run(self, url: str) -> str:
+        time.sleep(5)
+        return f"imported {url}"
+
+
+import_data = apps["default"].register_task(ImportDataTask())
+
+
+@apps["global"].task(name="demo.tasks.nightly_report")
+def nightly_report() -> str:
+    """Any code can take a lock: here the mutex keeps two reports from overlapping."""
+    with lock("nightly-report", blocking=False) as lease:
+        time.sleep(1)
+        return f"report written with fencing token {lease.token}"

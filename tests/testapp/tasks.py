@@ -4,6 +4,7 @@ import os
 
 from celery import shared_task
 
+from django_celery_adv.locks import LockedTask, current_lease, locked
 from django_celery_adv.registry import apps
 
 
@@ -35,3 +36,51 @@ def build_report(self, value):
 def shared_echo(self, value):
     """Shared with no TASK_APPS entry: goes to using()'s app, else default."""
     return {"value": value, "hostname": self.request.hostname}
+
+
+# -- the seed's two lock examples, instrumented with an independent counter ------
+
+def _redis():
+    import redis
+    from django.conf import settings
+
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def observe(key: str, seconds: float) -> int:
+    """Count concurrent runs in Redis (outside the lock code); returns the peak seen."""
+    import time
+
+    client = _redis()
+    now = client.incr(f"{key}:running")
+    client.rpush(f"{key}:observed", now)
+    try:
+        time.sleep(seconds)
+    finally:
+        client.decr(f"{key}:running")
+    return now
+
+
+@apps["default"].task(name="testapp.save_to_storage", bind=True)
+@locked("test-save-to-storage", 2)
+def save_to_storage(self, data):
+    """Capacity-2 semaphore: never more than 2 at once."""
+    observe("save_to_storage", 0.4)
+    lease = current_lease()
+    return {"data": data, "token": lease.token, "slot": lease.slot}
+
+
+class ImportDataTask(LockedTask):
+    """Mutex that drops a duplicate call instead of retrying it."""
+
+    name = "testapp.import_data"
+    lock_name = "test-import-data"
+    retry_on_lock = False
+
+    def locked_run(self, url):
+        _redis().rpush("import_data:runs", url)
+        observe("import_data", 1.5)
+        return url
+
+
+import_data = apps["default"].register_task(ImportDataTask())

@@ -60,6 +60,8 @@ class Lease:
     backend: str = "default"
     #: Backend-private handle (a ZooKeeper recipe, an etcd lease id ...).
     handle: Any = field(default=None, repr=False, compare=False)
+    #: The heartbeat thread renewing this lease, while one runs.
+    heartbeat: Any = field(default=None, repr=False, compare=False)
     lost: bool = False
     on_lost: Callable[[Lease], None] | None = field(default=None, repr=False)
     _lost_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -119,7 +121,7 @@ class LockBackend(abc.ABC):
     def force_release(self, name: str, token: int) -> bool:
         """Free the slot granted with ``token`` whoever holds it (admin action)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook; most backends need it)
         """Drop client connections (tests, process shutdown)."""
 
     def describe(self) -> str:

@@ -54,7 +54,7 @@ class DatabaseBackend(LockBackend):
                     return None
                 slot = min(set(range(capacity)) - taken)
                 row = leases.create(
-                    name=name, slot=slot, token=token, task_id=holder.task_id,
+                    name=name, slot=slot, token=token, task_id=holder.task_id or "",
                     hostname=holder.hostname, pid=holder.pid,
                     acquired_at=now, expires_at=now + timedelta(seconds=ttl),
                 )
@@ -115,7 +115,7 @@ class DatabaseBackend(LockBackend):
             ttl = (row.expires_at - row.acquired_at).total_seconds()
         return Lease(
             name=row.name, slot=row.slot, token=row.token,
-            holder=Holder(task_id=row.task_id, hostname=row.hostname, pid=row.pid),
+            holder=Holder(task_id=row.task_id or None, hostname=row.hostname, pid=row.pid),
             acquired_at=row.acquired_at, expires_at=row.expires_at, ttl=ttl,
             backend=self.alias,
         )

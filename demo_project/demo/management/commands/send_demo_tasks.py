@@ -1,0 +1,30 @@
+"""Send the demo's tasks and print where each ran: the routing made visible."""
+
+from django.core.management.base import BaseCommand
+
+from demo_project.demo import tasks
+from django_celery_adv.registry import using
+
+
+class Command(BaseCommand):
+    help = "Send one of each demo task and print the results."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--timeout", type=float, default=30.0)
+
+    def handle(self, *args, timeout: float, **options):
+        sent = {
+            "add(2, 3) on 'default'": tasks.add.delay(2, 3),
+            "collect_stats() on 'global'": tasks.collect_stats.delay(),
+            "shared build_report() routed by TASK_APPS": tasks.build_report.delay("2026-11"),
+        }
+        with using("default"):  # TASK_APPS still wins over using()
+            sent["build_report() inside using('default')"] = tasks.build_report.delay("2026-12")
+        sent["save_to_storage() under the capacity-10 semaphore"] = \
+            tasks.save_to_storage.delay("hello")
+        sent["import_data() (mutex)"] = tasks.import_data.delay("https://example.com/feed")
+        sent["import_data() again at once: dropped -> None"] = \
+            tasks.import_data.delay("https://example.com/feed")
+        sent["nightly_report() with lock()"] = tasks.nightly_report.delay()
+        for label, result in sent.items():
+            self.stdout.write(f"{label}: {result.get(timeout=timeout)}")
