@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from . import conf
 from .exceptions import CeleryAdvError
@@ -70,12 +70,11 @@ class LockDefinitionAdmin(admin.ModelAdmin):
             return format_html("<strong>{}</strong>", error)
         if not leases:
             return "nobody"
-        rows = format_html("").join(
-            format_html("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-                        "<td>{}</td><td>{}</td></tr>", lease.slot, lease.holder.task_id or "-",
-                        lease.holder.hostname, lease.holder.pid, lease.acquired_at,
-                        lease.expires_at, lease.token)
-            for lease in leases)
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                "<td>{}</td></tr>",
+            ((lease.slot, lease.holder.task_id or "-", lease.holder.hostname, lease.holder.pid,
+              lease.acquired_at, lease.expires_at, lease.token) for lease in leases))
         return format_html("<table><thead><tr><th>slot</th><th>task id</th><th>host</th>"
                            "<th>pid</th><th>since</th><th>expires</th><th>token</th></tr>"
                            "</thead><tbody>{}</tbody></table>", rows)

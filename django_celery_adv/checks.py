@@ -27,10 +27,10 @@ Checks read settings only: they build no Celery app and open no connection.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
@@ -117,13 +117,14 @@ def check_apps(app_settings: Any) -> list[CheckMessage]:
     valid: dict[str, Mapping[str, Any]] = {}
     for alias, settings in app_settings.items():
         obj = f"CELERY_ADV['APPS'][{alias!r}]"
+        if isinstance(settings, dict):
+            messages += _check_setting_names(obj, settings)
         if not isinstance(settings, dict) or not broker_urls(settings):
             messages.append(_error(
                 "E004", f"{obj} has no 'broker_url'.",
                 hint="Each app needs its own broker_url (lowercase Celery setting names).",
                 obj=obj))
             continue
-        messages += _check_setting_names(obj, settings)
         url_errors = _check_broker_urls(obj, broker_urls(settings))
         messages += url_errors
         if not url_errors:
@@ -158,6 +159,12 @@ def _check_broker_urls(obj: str, urls: Iterable[str]) -> list[CheckMessage]:
                 hint=f"Use one of kombu's transports: {', '.join(sorted(TRANSPORT_ALIASES))}.",
                 obj=obj))
             continue
+        try:
+            urlsplit(url).port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError as e:
+            messages.append(_error("E005", f"{obj} has a malformed broker URL: {e}.",
+                                   hint="Check the host and port of broker_url.", obj=obj))
+            continue
         client = TRANSPORT_CLIENTS.get(scheme)
         if client and importlib.util.find_spec(client[0]) is None:
             messages.append(_error(
@@ -179,12 +186,14 @@ def broker_identity(settings: Mapping[str, Any]) -> tuple[Any, ...]:
     host = (parts.hostname or "localhost").lower()
     if host == "localhost":
         host = "127.0.0.1"
-    path = parts.path.strip("/")
+    port = parts.port or DEFAULT_PORTS.get(scheme)
+    # The amqp vhost is the path after the first slash, %-encoded ("//" and "/%2F": "/").
+    path = unquote(parts.path[1:]) if scheme in AMQP_SCHEMES else parts.path.strip("/")
     if scheme in AMQP_SCHEMES:
         scheme, path = "amqp", path or "/"
     elif scheme in ("redis", "rediss"):
         path = path or "0"
-    return (scheme, host, parts.port or DEFAULT_PORTS.get(scheme), path)
+    return (scheme, host, port, path)
 
 
 def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list[CheckMessage]:
@@ -201,15 +210,15 @@ def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list
             for alias in aliases:
                 effective = app_settings[alias].get(setting) or \
                     isolation_defaults(alias).get(setting, "celery")
-                by_name.setdefault(effective, []).append(alias)
+                by_name.setdefault(str(effective), []).append(alias)
             for name, clash in by_name.items():
                 if len(clash) > 1:
                     messages.append(_error(
                         number,
                         f"Apps {', '.join(map(repr, clash))} share a broker and the "
                         f"{setting} {name!r}: their workers would {consequence}.",
-                        hint=f"Remove the explicit {setting!r} (each alias then gets its "
-                             f"own) or give each app a different one.",
+                        hint=f"Give each app its own {setting!r}; left unset, every alias "
+                             f"but 'default' gets one named after it.",
                         obj=f"CELERY_ADV['APPS'][{clash[1]!r}]"))
     return messages
 
@@ -224,7 +233,7 @@ def check_task_apps(task_apps: Any, app_settings: Any) -> list[CheckMessage]:
     return [
         _error("E006", f"CELERY_ADV['TASK_APPS'][{pattern!r}] names the unknown app "
                        f"{alias!r}.", hint=f"Known apps: {', '.join(sorted(known)) or 'none'}.")
-        for pattern, alias in task_apps.items() if alias not in known
+        for pattern, alias in task_apps.items() if not isinstance(alias, str) or alias not in known
     ]
 
 
@@ -250,6 +259,9 @@ def check_lock_backends(backends: Any) -> list[CheckMessage]:
             messages.append(_error("E011", str(e), hint=hint, obj=obj))
             continue
         options = params.get("OPTIONS") or {}
+        if not isinstance(options, dict):
+            messages.append(_error("E010", f"{obj}['OPTIONS'] must be a dict.", obj=obj))
+            continue
         missing = [name for name in backend_cls.required_options if name not in options]
         if missing:
             messages.append(_error(

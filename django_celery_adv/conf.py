@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
         "RETRY_COUNTDOWN": 5,
         "RETRY_JITTER": 1,
         "RETRY_BACKOFF": False,
-        "WAIT": 1.0,
+        "WAIT": 5.0,
         "MAX_RETRIES": None,
     },
     "LOGGING": None,

@@ -92,7 +92,7 @@ class LockDefinition(models.Model):
     retry_backoff = models.BooleanField(
         default=False, help_text="Double the countdown with each retry (capped at 10x).")
     wait = models.FloatField(
-        "wait in the worker (s)", default=1.0, validators=[MinValueValidator(0)],
+        "wait in the worker (s)", default=5.0, validators=[MinValueValidator(0)],
         help_text="How long a busy task polls for a slot before going back to the queue.")
     max_retries = models.PositiveIntegerField(
         blank=True, null=True, help_text="Lock retries before LockUnavailable; empty = forever.")

@@ -107,7 +107,7 @@ CELERY_ADV["LOCK_BACKENDS"] = {
               "OPTIONS": {"url": REDIS_LOCK_URL, "prefix": "celery-adv-test:lock:"}},
     "zookeeper": {"BACKEND": "django_celery_adv.locks.backends.zookeeper.ZooKeeperBackend",
                   "OPTIONS": {"hosts": ZOOKEEPER_HOSTS, "root": "/celery-adv-test/locks",
-                              "timeout": 10.0}},
+                              "timeout": 4.0}},
     "etcd": {"BACKEND": "django_celery_adv.locks.backends.etcd.EtcdBackend",
              "OPTIONS": {"host": ETCD_HOST, "port": ETCD_PORT,
                          "prefix": "/celery-adv-test/locks/"}},

@@ -4,7 +4,7 @@ import os
 
 from celery import shared_task
 
-from django_celery_adv.locks import LockedTask, current_lease, locked
+from django_celery_adv.locks import LockedTask, current_lease, lock, locked
 from django_celery_adv.registry import apps
 
 
@@ -84,3 +84,24 @@ class ImportDataTask(LockedTask):
 
 
 import_data = apps["default"].register_task(ImportDataTask())
+
+
+@apps["default"].task(name="testapp.hold_lock", bind=True)
+def hold_lock(self, name, seconds):
+    """Take ``name`` (its admin row picks backend and TTL) and sit on it."""
+    import time
+
+    with lock(name) as lease:
+        _redis().set(f"hold_lock:{name}", lease.token)
+        time.sleep(seconds)
+        return lease.token
+
+
+@apps["default"].task(name="testapp.locked_sleep", bind=True)
+def locked_sleep(self, name, seconds):
+    """For the makespan benchmark: sleep holding a slot of ``name``."""
+    import time
+
+    from django_celery_adv.locks.tasks import run_locked
+
+    return run_locked(self, name, 4, lambda: time.sleep(seconds))

@@ -43,6 +43,11 @@ class DatabaseBackend(LockBackend):
         if capacity <= 0:
             return None
         try:
+            # A plain read first: a full lock is answered without taking the
+            # write lock that the holders need to release (SQLite locks the file).
+            live = LockLease.objects.using(self.using).filter(name=name, expires_at__gt=utcnow())
+            if live.count() >= capacity:
+                return None
             with transaction.atomic(using=self.using):
                 token = self._next_token(name)
                 now = utcnow()

@@ -1,0 +1,179 @@
+"""Faults every backend must survive: crashes, contention across processes, lost leases."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from unittest import mock
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connections
+
+from django_celery_adv.exceptions import LockError
+from django_celery_adv.locks import lock
+from django_celery_adv.locks.backends import create_backend, lock_backends
+from django_celery_adv.locks.backends.base import Holder
+from django_celery_adv.locks.definitions import policies
+from django_celery_adv.models import LockDefinition
+from tests.locks.conftest import ALL_BACKENDS, backend_params, mongo_client_patch
+from tests.workers import WorkerProcess
+
+#: Backends a separate process can reach: mongomock lives in one process only.
+PROCESS_BACKENDS = [b for b in ALL_BACKENDS if b != "mongodb" or settings.MONGODB_URL]
+
+
+def registry_alias(backend: str) -> str:
+    return "default" if backend == "database" else backend
+
+
+@pytest.fixture
+def registry_backends():
+    """The settings-driven registry that lock() uses, on mongomock where needed."""
+    lock_backends.reset()
+    policies.invalidate()
+    with mongo_client_patch():
+        yield lock_backends
+    lock_backends.reset()
+    policies.invalidate()
+
+
+# -- 16 processes, one lock of capacity K, an independent counter ---------------
+
+def _contend(alias: str, name: str, capacity: int, rounds: int, key: str) -> None:
+    backend = create_backend(alias, backend_params(alias))
+    counter = redis.Redis.from_url(settings.REDIS_URL)
+    done = 0
+    while done < rounds:
+        lease = backend.acquire(name, capacity, Holder(task_id=f"p{os.getpid()}"), 30)
+        if lease is None:
+            time.sleep(0.003)
+            continue
+        counter.rpush(f"{key}:seen", counter.incr(f"{key}:now"))
+        time.sleep(0.002)
+        counter.decr(f"{key}:now")
+        backend.release(lease)
+        done += 1
+    backend.close()
+    connections.close_all()
+
+
+@pytest.mark.parametrize("alias", PROCESS_BACKENDS)
+def test_sixteen_processes_never_exceed_capacity(alias, lock_name):
+    capacity, processes, rounds = 3, 16, 8
+    counter = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"stress:{lock_name}"
+    connections.close_all()  # the children must not share the parent's socket
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_contend,
+                                args=(alias, lock_name, capacity, rounds, key))
+                for _ in range(processes)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(180)
+
+    assert [child.exitcode for child in children] == [0] * processes
+    seen = [int(n) for n in counter.lrange(f"{key}:seen", 0, -1)]
+    counter.delete(f"{key}:seen", f"{key}:now")
+    assert len(seen) == processes * rounds
+    assert max(seen) <= capacity
+    assert max(seen) >= 2  # there was real contention to get right
+
+
+# -- a worker holding a ticket is SIGKILLed ----------------------------------
+
+@pytest.fixture(scope="module")
+def victim_worker(default_worker):
+    """Not shared: this worker gets killed. Concurrency 1, its own queue."""
+    worker = WorkerProcess("default", tag="-victim", concurrency=1,
+                           extra_args=("-Q", "victim"))
+    yield worker
+    worker.stop()
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize("alias", PROCESS_BACKENDS)
+def test_sigkilled_holder_frees_its_slot_within_ttl(alias, lock_name, victim_worker,
+                                                    registry_backends):
+    ttl = 2
+    LockDefinition.objects.create(name=lock_name, backend=registry_alias(alias), capacity=1,
+                                  ttl=ttl)
+    backend = registry_backends[registry_alias(alias)]
+    counter = redis.Redis.from_url(settings.REDIS_URL)
+    victim_worker.start()
+    from tests.testapp.tasks import hold_lock
+
+    hold_lock.apply_async((lock_name, 120), queue="victim")
+    deadline = time.monotonic() + 30
+    while not counter.get(f"hold_lock:{lock_name}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(backend.holders(lock_name)) == 1
+
+    os.killpg(victim_worker.process.pid, signal.SIGKILL)
+    victim_worker.process.wait(10)
+    killed_at = time.monotonic()
+    limit = settings.CELERY_ADV["LOCK_BACKENDS"]["zookeeper"]["OPTIONS"]["timeout"] \
+        if alias == "zookeeper" else ttl
+    while backend.acquire(lock_name, 1, Holder(task_id="after"), 30) is None:
+        assert time.monotonic() - killed_at <= limit + 1, "the dead holder's slot stayed taken"
+        time.sleep(0.05)
+    assert time.monotonic() - killed_at <= limit + 1
+    counter.delete(f"hold_lock:{lock_name}")
+
+
+# -- renewal keeps a long holder; a blocked renewal is reported ---------------
+
+@pytest.mark.parametrize("alias", ALL_BACKENDS)
+def test_holder_running_three_ttls_keeps_its_lease(alias, lock_name, registry_backends):
+    ttl = 1
+    LockDefinition.objects.create(name=lock_name, backend=registry_alias(alias), capacity=1,
+                                  ttl=ttl)
+    backend = registry_backends[registry_alias(alias)]
+
+    with lock(lock_name) as lease:
+        for _ in range(6):
+            time.sleep(ttl / 2)
+            assert [h.token for h in backend.holders(lock_name)] == [lease.token]
+            assert backend.acquire(lock_name, 1, Holder(task_id="intruder"), 30) is None
+        assert lease.is_valid()
+    assert backend.holders(lock_name) == []
+
+
+@pytest.mark.parametrize("alias", ALL_BACKENDS)
+def test_refused_renewal_is_reported_lost(alias, lock_name, registry_backends, caplog):
+    LockDefinition.objects.create(name=lock_name, backend=registry_alias(alias), capacity=1,
+                                  ttl=1)
+    backend = registry_backends[registry_alias(alias)]
+    lost = []
+
+    with mock.patch.object(backend, "renew", return_value=False), \
+            caplog.at_level(logging.ERROR, logger="django_celery_adv.locks"), \
+            lock(lock_name, on_lost=lost.append) as lease:
+        deadline = time.monotonic() + 3
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert lost == [lease]
+        assert not lease.is_valid()
+        assert f"lock {lock_name}: lease lost" in caplog.text
+
+
+def test_renewal_failing_with_server_errors_loses_the_lease_at_expiry(lock_name,
+                                                                       registry_backends):
+    LockDefinition.objects.create(name=lock_name, backend="redis", capacity=1, ttl=1)
+    backend = registry_backends["redis"]
+    lost = []
+
+    with mock.patch.object(backend, "renew", side_effect=LockError("server down")), \
+            lock(lock_name, on_lost=lost.append) as lease:
+        time.sleep(0.5)
+        assert lost == []  # not yet: the lease is still within its TTL
+        deadline = time.monotonic() + 3
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost == [lease]
