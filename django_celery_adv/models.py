@@ -113,3 +113,14 @@ class LockDefinition(models.Model):
 
         if self.backend not in conf.lock_backend_settings():
             raise ValidationError({"backend": f"Unknown lock backend {self.backend!r}."})
+
+
+class Monitoring(models.Model):
+    """No table: carries the permission that guards the monitoring pages."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = [("view_monitoring", "Can view the Celery monitoring pages")]
+        verbose_name = "Celery monitoring"
+        verbose_name_plural = "Celery monitoring"
