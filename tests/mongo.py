@@ -14,15 +14,25 @@ server by patching two things, for the duration of :func:`mongo_broker` only:
    mongod would: kombu keeps producer connections in a process-wide pool keyed
    by broker URL (``kombu.pools``), so a connection opened under an earlier
    :func:`mongo_broker` block is reused by later ones and must still reach the
-   same data. Tests keep apart by naming their own queues and exchanges.
+   same data. Tests sharing it are kept apart by their aliases' queue and
+   exchange names.
 2. ``kombu.transport.mongodb.Transport.Channel`` becomes :class:`PollingChannel`.
    kombu broadcasts (fanout: ``inspect``/``control``) through a *capped*
    collection read by a *tailable* cursor; mongomock refuses capped collections
    and its cursors never see documents inserted after they were exhausted.
    :class:`PollingChannel` creates a plain collection and reads it with
    :class:`PollingBroadcastCursor`, which re-queries from the last offset on
-   every poll. Everything else (queues, routing table, ``find_one_and_delete``
-   consumption, URL parsing) is kombu's code unchanged.
+   every poll, with kombu's own offset arithmetic. Everything else (queues,
+   routing table, ``find_one_and_delete`` consumption, URL parsing) is kombu's
+   code unchanged.
+
+A kombu 5.7 quirk this keeps (and the tests work with, not around): a new
+broadcast cursor starts at the count of the *whole* broadcast collection but
+skips that many documents of *its own* exchange. So when the collection holds
+broadcasts of other control exchanges (two aliases on one MongoDB database:
+``celery.a`` and ``celery.b``), a worker started afterwards ignores as many of
+its own alias's first ``inspect``/``control`` broadcasts. The tests therefore
+keep the alias's names stable from run to run instead of inventing new ones.
 
 What it does not prove: anything about a real server. mongomock's memory lives
 in this process, so only an in-process worker (``celery.contrib.testing.worker``)
@@ -38,10 +48,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from unittest import mock
 
 import pytest
+from kombu.transport import mongodb as kombu_mongodb
+from kombu.utils.url import maybe_sanitize_url
 
 #: Real server to use instead of mongomock, e.g. ``mongodb://127.0.0.1:27017/celery_adv_test``.
 MONGODB_URL = os.environ.get("MONGODB_URL", "")
@@ -54,17 +66,18 @@ MONGOMOCK_URL = "mongodb://127.0.0.1:27017/celery_adv_test"
 
 def describe_mode() -> str:
     if MODE == "mongod":
-        return f"MongoDB broker: mongod at {MONGODB_URL}"
+        return f"MongoDB broker: mongod at {maybe_sanitize_url(MONGODB_URL)}"
     return "MongoDB broker: mongomock (set MONGODB_URL to use a real mongod)"
 
 
 class PollingBroadcastCursor:
-    """Stand-in for kombu's ``BroadcastCursor`` that polls instead of tailing.
+    """kombu's ``BroadcastCursor`` with a query per poll in place of a tailable cursor.
 
-    Same interface (``get_size``, ``purge``, ``close``, iteration) and same
-    semantics: starts past the messages already broadcast, then yields each
-    later message of ``exchange`` once, in insertion order (nothing is ever
-    deleted from the broadcast collection, so an offset is stable).
+    Same interface (``get_size``, ``purge``, ``close``, iteration) and the same
+    offset arithmetic as kombu 5.7, quirk included: the offset starts at the
+    count of the *whole* broadcast collection, and is then used as a skip over
+    the documents of *this* exchange. Only the tailing is replaced, so these
+    tests pass or fail as kombu itself would.
     """
 
     def __init__(self, collection, exchange: str) -> None:
@@ -74,18 +87,19 @@ class PollingBroadcastCursor:
         self.purge(rewind=False)
 
     def get_size(self) -> int:
-        return self._collection.count_documents(self._filter) - self._offset
+        return self._collection.count_documents({}) - self._offset
 
     def close(self) -> None:
         pass
 
     def purge(self, rewind: bool = True) -> None:
-        self._offset = self._collection.count_documents(self._filter)
+        self._offset = self._collection.count_documents({})
 
     def __iter__(self) -> PollingBroadcastCursor:
         return self
 
     def __next__(self) -> dict:
+        # A fresh query each time: mongomock's cursors never see later inserts.
         for doc in self._collection.find(self._filter, skip=self._offset, limit=1):
             self._offset += 1
             return doc
@@ -94,22 +108,17 @@ class PollingBroadcastCursor:
     next = __next__
 
 
-def _polling_channel_class():
-    from kombu.transport import mongodb
+class PollingChannel(kombu_mongodb.Channel):
+    """kombu's MongoDB channel with a plain, polled broadcast collection."""
 
-    class PollingChannel(mongodb.Channel):
-        """kombu's MongoDB channel with a plain, polled broadcast collection."""
+    def _create_broadcast(self, database):
+        # No capped collection: kombu's _ensure_indexes creates a plain one.
+        pass
 
-        def _create_broadcast(self, database):
-            # No capped collection: kombu's _ensure_indexes creates a plain one.
-            pass
-
-        def _unused(self, exchange, routing_key, pattern, queue):
-            cursor = PollingBroadcastCursor(self.broadcast, exchange)
-            self._broadcast_cursors[queue] = cursor
-            return cursor
-
-    return PollingChannel
+    def _create_broadcast_cursor(self, exchange, routing_key, pattern, queue):
+        cursor = PollingBroadcastCursor(self.broadcast, exchange)
+        self._broadcast_cursors[queue] = cursor
+        return cursor
 
 
 @functools.cache
@@ -132,7 +141,7 @@ def mongo_broker() -> Iterator[str]:
     client_factory = functools.partial(mongomock.MongoClient, _store=_mongomock_server())
     with (
         mock.patch("kombu.transport.mongodb.MongoClient", client_factory),
-        mock.patch("kombu.transport.mongodb.Transport.Channel", _polling_channel_class()),
+        mock.patch.object(kombu_mongodb.Transport, "Channel", PollingChannel),
     ):
         yield MONGOMOCK_URL
 
@@ -148,7 +157,8 @@ def mongo_broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     terminal = request.config.pluginmanager.get_plugin("terminalreporter")
     if terminal is not None:
-        with capture.global_and_fixture_disabled():
+        with capture.global_and_fixture_disabled() if capture else nullcontext():
+            terminal.ensure_newline()
             terminal.write_line(describe_mode())
     with mongo_broker() as url:
         yield url
