@@ -1,0 +1,423 @@
+"""MongoDBBackend beyond the shared contract, on a real mongod (MONGODB_URL) or mongomock.
+
+The mode is the test id (``[mongod]`` or ``[mongomock]``) and is printed once
+per session even under ``-q``. In mongomock mode ``MongoClient`` in the backend
+module is patched to a mongomock client on one in-memory server per test,
+and every mongomock collection call is serialized: mongomock is not atomic
+across threads (its ``$inc`` and ``find_one_and_update`` read and write in
+separate Python steps), whereas a real server applies each single-document
+operation atomically. Only the server-down test runs pymongo unpatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.conf import settings
+from pymongo.errors import ServerSelectionTimeoutError
+
+from django_celery_adv.exceptions import InvalidLockBackendError, LockError
+from django_celery_adv.locks.backends import mongodb
+from django_celery_adv.locks.backends.base import Holder, Lease
+from django_celery_adv.locks.backends.mongodb import GC_AFTER_SECONDS, MongoDBBackend
+
+TTL = 30
+MODE = "mongod" if settings.MONGODB_URL else "mongomock"
+#: What mongomock mode connects to: nothing listens there, so a missing patch fails loudly.
+MONGOMOCK_URL = "mongodb://127.0.0.1:27017"
+#: Filled once the mode was printed: once per session is enough.
+_announced: list[str] = []
+SERIALIZED = ("insert_one", "find", "find_one_and_update", "update_one", "delete_one",
+              "delete_many", "count_documents", "create_index")
+
+
+def holder(task_id: str) -> Holder:
+    return Holder(task_id=task_id, hostname="mongo-test-host", pid=27017)
+
+
+def _serialized(method: Callable[..., Any], server: threading.RLock,
+                materialize: bool) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with server:
+            result = method(*args, **kwargs)
+            return iter(list(result)) if materialize else result
+    return call
+
+
+@pytest.fixture(params=[MODE], ids=[MODE])
+def options(request, capsys) -> Iterator[dict[str, str]]:
+    """OPTIONS of a backend on this test's own collection, in the mode of the run."""
+    text = (f"MongoDB lock backend: mongod at {mongodb.mask_password(settings.MONGODB_URL)}"
+            if MODE == "mongod" else
+            "MongoDB lock backend: mongomock (set MONGODB_URL to test a real mongod)")
+    if not _announced:
+        _announced.append(text)
+        with capsys.disabled():
+            print(f"\n{text}")
+    opts = {"database": "celery_adv_test", "collection": f"locks_{uuid.uuid4().hex[:10]}"}
+    if MODE == "mongod":
+        import pymongo
+
+        opts["url"] = settings.MONGODB_URL
+        yield opts
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(opts["url"])
+        client[opts["database"]].drop_collection(opts["collection"])
+        client[opts["database"]].drop_collection(f"{opts['collection']}.fences")
+        client.close()
+        return
+
+    import mongomock
+    from mongomock.store import ServerStore
+
+    store, server = ServerStore(), threading.RLock()
+    patches = [mock.patch.object(mongomock.collection.Collection, name, _serialized(
+        getattr(mongomock.collection.Collection, name), server, name == "find"))
+        for name in SERIALIZED]
+    patches.append(mock.patch("django_celery_adv.locks.backends.mongodb.MongoClient",
+                              functools.partial(mongomock.MongoClient, _store=store)))
+    for patch in patches:
+        patch.start()
+    opts["url"] = MONGOMOCK_URL
+    try:
+        yield opts
+    finally:
+        for patch in reversed(patches):
+            patch.stop()
+
+
+@pytest.fixture
+def make(options) -> Iterator[Callable[[], MongoDBBackend]]:
+    made: list[MongoDBBackend] = []
+
+    def build() -> MongoDBBackend:
+        backend = MongoDBBackend("mongodb", options)
+        made.append(backend)
+        return backend
+
+    yield build
+    for backend in made:
+        backend.close()
+
+
+@pytest.fixture
+def backend(make) -> MongoDBBackend:
+    return make()
+
+
+@pytest.fixture
+def name() -> str:
+    return f"lock-{uuid.uuid4().hex[:8]}"
+
+
+def docs(backend: MongoDBBackend, name: str) -> list[dict[str, Any]]:
+    return list(backend._connection().leases.find({"name": name}, sort=[("slot", 1)]))
+
+
+def test_grants_lowest_free_slots_up_to_capacity(backend, name):
+    leases = [backend.acquire(name, 3, holder(f"t{i}"), TTL) for i in range(3)]
+
+    assert [lease.slot for lease in leases] == [0, 1, 2]
+    assert backend.acquire(name, 3, holder("t3"), TTL) is None
+    backend.release(leases[1])
+    again = backend.acquire(name, 3, holder("t4"), TTL)
+    assert again.slot == 1
+    assert [(h.slot, h.holder.task_id) for h in backend.holders(name)] == [
+        (0, "t0"), (1, "t4"), (2, "t2")]
+
+
+def test_lease_fields_match_what_holders_reads_back(backend, name):
+    lease = backend.acquire(name, 2, holder("task-1"), 12.5)
+
+    assert (lease.ttl, lease.backend, lease.name) == (12.5, "mongodb", name)
+    assert lease.acquired_at.microsecond % 1000 == 0  # BSON keeps milliseconds
+    assert lease.acquired_at <= datetime.now(UTC) < lease.expires_at
+    [listed] = backend.holders(name)
+    assert listed.holder == Holder(task_id="task-1", hostname="mongo-test-host", pid=27017)
+    assert (listed.token, listed.acquired_at, listed.expires_at, listed.ttl) == (
+        lease.token, lease.acquired_at, lease.expires_at, 12.5)
+    assert listed.is_valid()
+
+
+def test_indexes(backend, name):
+    backend.holders(name)
+    info = backend._connection().leases.index_information()
+
+    unique = [spec for spec in info.values() if spec.get("unique")]
+    assert [spec["key"] for spec in unique] == [[("name", 1), ("slot", 1)]]
+    [gc] = [spec for spec in info.values() if "expireAfterSeconds" in spec]
+    assert (gc["key"], gc["expireAfterSeconds"]) == ([("expires_at", 1)], GC_AFTER_SECONDS)
+
+
+def test_capacity_zero_grants_nothing(backend, name):
+    assert backend.acquire(name, 0, holder("t"), TTL) is None
+    assert backend.holders(name) == []
+    assert docs(backend, name) == []
+
+
+def test_tokens_strictly_increase(make, name):
+    first, second = make(), make()  # two hosts, one fence document
+    tokens = []
+    for i in range(10):
+        backend = first if i % 2 else second
+        lease = backend.acquire(name, 4, holder(f"t{i}"), TTL)
+        tokens.append(lease.token)
+        if i % 3:  # keep every third: grants into fresh and into reused slots
+            backend.release(lease)
+
+    assert tokens == sorted(set(tokens))  # strictly increasing
+    fence = first._connection().fences.find_one({"_id": name})
+    assert fence["last_token"] == tokens[-1]
+
+
+def test_renew_extends_a_live_lease(backend, name):
+    lease = backend.acquire(name, 1, holder("t"), 1)
+    before = lease.expires_at
+    lease.ttl = 120
+    time.sleep(0.05)
+
+    assert backend.renew(lease) is True
+    assert (lease.expires_at - before).total_seconds() > 100
+    [listed] = backend.holders(name)
+    assert (listed.expires_at, listed.ttl) == (lease.expires_at, 120)
+
+
+def test_expired_lease_is_reclaimed_by_acquire(backend, name):
+    old = backend.acquire(name, 1, holder("old"), 1)
+    assert backend.acquire(name, 1, holder("new"), TTL) is None
+    time.sleep(1.2)
+
+    assert backend.holders(name) == []
+    assert [doc["token"] for doc in docs(backend, name)] == [old.token]  # not collected yet
+    new = backend.acquire(name, 1, holder("new"), TTL)
+    assert (new.slot, new.token > old.token) == (0, True)
+    assert [doc["token"] for doc in docs(backend, name)] == [new.token]
+
+
+def test_renew_of_an_expired_lease_fails_and_does_not_resurrect(backend, name):
+    lease = backend.acquire(name, 1, holder("t"), 0.5)
+    time.sleep(0.8)
+
+    assert backend.renew(lease) is False
+    assert backend.holders(name) == []
+    assert backend.acquire(name, 1, holder("u"), TTL) is not None
+
+
+def test_stale_release_does_not_free_the_new_holders_slot(backend, name):
+    stale = backend.acquire(name, 1, holder("stale"), 0.5)
+    time.sleep(0.8)
+    fresh = backend.acquire(name, 1, holder("fresh"), TTL)
+    assert (fresh.slot, stale.slot) == (0, 0)
+
+    backend.release(stale)
+    assert backend.renew(stale) is False
+    assert [h.token for h in backend.holders(name)] == [fresh.token]
+    assert backend.acquire(name, 1, holder("third"), TTL) is None
+    assert backend.renew(fresh) is True
+
+
+def test_capacity_lowered_while_three_are_held(backend, name):
+    held = [backend.acquire(name, 3, holder(f"t{i}"), TTL) for i in range(3)]
+
+    assert backend.acquire(name, 2, holder("new"), TTL) is None
+    backend.release(held[0])
+    assert backend.acquire(name, 2, holder("new"), TTL) is None  # 2 live, capacity 2
+    assert backend.renew(held[2]) is True  # holders above capacity keep theirs
+    backend.release(held[1])
+    granted = backend.acquire(name, 2, holder("new"), TTL)
+    assert granted.slot == 0
+    assert [h.slot for h in backend.holders(name)] == [0, 2]
+    assert backend.acquire(name, 2, holder("more"), TTL) is None
+    assert backend.acquire(name, 1, holder("more"), TTL) is None
+
+
+class _StaleRead:
+    """Leases collection whose first read misses one slot, like a read made just too early."""
+
+    def __init__(self, leases: Any, hidden_slot: int) -> None:
+        self._leases, self._hidden_slot = leases, hidden_slot
+
+    def find(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return [doc for doc in self._leases.find(*args, **kwargs)
+                if doc.get("slot") != self._hidden_slot]
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._leases, attr)
+
+
+def test_acquirer_that_slipped_past_a_lowered_capacity_backs_off(backend, name):
+    held = [backend.acquire(name, 3, holder(f"t{i}"), TTL) for i in range(3)]
+    backend.release(held[1])  # live: slots 0 and 2
+    conn = backend._connection()
+    backend._conn = dataclasses.replace(conn, leases=_StaleRead(conn.leases, hidden_slot=0))
+
+    # Its read saw one holder (slot 2) below capacity 2; it inserts slot 1,
+    # then counts three live leases and withdraws.
+    assert backend.acquire(name, 2, holder("late"), TTL) is None
+    backend._conn = conn
+    assert [doc["slot"] for doc in docs(backend, name)] == [0, 2]
+    assert backend.acquire(name, 3, holder("next"), TTL).token == held[2].token + 1
+
+
+def test_acquirer_that_stalls_past_its_ttl_gets_nothing(make, name):
+    slow, fast = make(), make()
+    real_next_token = MongoDBBackend._next_token
+    rival: list[Lease | None] = []
+
+    def stalled(self, conn, lock_name):
+        time.sleep(0.5)  # our document (ttl 0.3 s) expires meanwhile ...
+        rival.append(fast.acquire(name, 1, holder("fast"), TTL))  # ... and is reclaimed
+        return real_next_token(self, conn, lock_name)
+
+    with mock.patch.object(slow, "_next_token", stalled.__get__(slow)):
+        assert slow.acquire(name, 1, holder("slow"), 0.3) is None
+    [winner] = rival
+    assert [h.token for h in slow.holders(name)] == [winner.token]
+    assert slow.acquire(name, 1, holder("again"), TTL) is None
+
+
+def test_a_document_being_granted_is_not_a_holder(backend, name):
+    lease = backend.acquire(name, 2, holder("a"), TTL)
+    conn = backend._connection()
+    conn.leases.insert_one({"name": name, "slot": 1, "token": mongodb.GRANTING,
+                            **holder("pending").as_dict(), "acquired_at": lease.acquired_at,
+                            "expires_at": lease.expires_at, "ttl": float(TTL)})
+
+    assert [h.token for h in backend.holders(name)] == [lease.token]
+    assert backend.force_release(name, mongodb.GRANTING) is False
+    assert backend.acquire(name, 2, holder("b"), TTL) is None  # the slot is still taken
+
+
+def test_force_release(backend, name):
+    first = backend.acquire(name, 2, holder("a"), TTL)
+    second = backend.acquire(name, 2, holder("b"), TTL)
+
+    assert backend.force_release(name, first.token) is True
+    assert backend.force_release(name, first.token) is False
+    assert backend.force_release(name, second.token + 1000) is False
+    assert [h.token for h in backend.holders(name)] == [second.token]
+    assert backend.renew(first) is False
+    assert backend.acquire(name, 2, holder("c"), TTL).slot == 0
+
+
+def test_force_release_ignores_an_expired_lease(backend, name):
+    lease = backend.acquire(name, 1, holder("a"), 0.3)
+    time.sleep(0.5)
+
+    assert backend.force_release(name, lease.token) is False
+
+
+def test_server_down_raises_lock_error():
+    # Real pymongo, unpatched: nothing listens on port 1.
+    backend = MongoDBBackend("down", {"url": "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"})
+    lease = Lease(name="x", slot=0, token=1, holder=holder("t"), acquired_at=datetime.now(UTC),
+                  expires_at=datetime.now(UTC), backend="down")
+    calls = [lambda: backend.acquire("x", 1, holder("t"), TTL), lambda: backend.renew(lease),
+             lambda: backend.release(lease), lambda: backend.holders("x"),
+             lambda: backend.force_release("x", 1)]
+
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(LockError) as info:
+            call()
+        assert isinstance(info.value.__cause__, ServerSelectionTimeoutError)
+        assert time.monotonic() - started < 3
+    assert backend._conn is None  # nothing half-built is kept
+
+
+def test_timeouts_default_to_five_seconds_unless_the_url_sets_them():
+    plain = MongoDBBackend("m", {"url": "mongodb://h:27017"})
+    tuned = MongoDBBackend("m", {"url": "mongodb://h:27017/?serverselectiontimeoutms=100"})
+
+    assert plain._timeouts() == {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000,
+                                 "socketTimeoutMS": 5000}
+    assert "serverSelectionTimeoutMS" not in tuned._timeouts()
+
+
+def test_describe_masks_passwords():
+    for url, shown in [
+        ("mongodb://user:s3cret@h1:27017,h2:27017/?replicaSet=rs",
+         "mongodb://user:****@h1:27017,h2:27017/?replicaSet=rs"),
+        ("mongodb+srv://user:s3cret@cluster.example.com/db",
+         "mongodb+srv://user:****@cluster.example.com/db"),
+        ("mongodb://127.0.0.1:27017", "mongodb://127.0.0.1:27017"),
+    ]:
+        text = MongoDBBackend("m", {"url": url, "collection": "c"}).describe()
+        assert "s3cret" not in text
+        assert shown in text and "celery_adv.c" in text
+
+
+def test_url_is_required():
+    with pytest.raises(InvalidLockBackendError):
+        MongoDBBackend("m", {"database": "x"})
+    assert MongoDBBackend.required_options == ("url",)
+
+
+def _hammer(backend: MongoDBBackend, name: str, capacity: int, threads: int,
+            already_held: int = 0) -> tuple[dict[str, int], list[int]]:
+    state = {"active": already_held, "peak": already_held, "grants": 0, "over": 0}
+    guard = threading.Lock()
+    tokens: list[int] = []
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + 4
+
+    def work(index: int) -> None:
+        try:
+            for _ in range(25):
+                lease = backend.acquire(name, capacity, holder(f"w{index}"), TTL)
+                if lease is None:
+                    time.sleep(0.001)
+                    continue
+                with guard:
+                    state["active"] += 1
+                    state["grants"] += 1
+                    state["over"] += state["active"] > capacity
+                    state["peak"] = max(state["peak"], state["active"])
+                    tokens.append(lease.token)
+                time.sleep(0.001)
+                with guard:
+                    state["active"] -= 1
+                backend.release(lease)
+                if time.monotonic() > deadline:
+                    return
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(60)
+    assert not errors, errors[:3]
+    return state, tokens
+
+
+def test_sixteen_threads_never_exceed_capacity(backend, name):
+    state, tokens = _hammer(backend, name, capacity=3, threads=16)
+
+    assert state["over"] == 0 and state["peak"] <= 3
+    assert state["peak"] >= 2  # the threads did contend
+    assert state["grants"] > 16
+    assert len(set(tokens)) == len(tokens)
+    assert backend.holders(name) == []
+
+
+def test_sixteen_threads_respect_a_lowered_capacity(backend, name):
+    held = [backend.acquire(name, 3, holder(f"t{i}"), TTL) for i in range(3)]
+    backend.release(held[0])
+    backend.release(held[1])  # slot 2 stays held above the new capacity 2
+
+    state, _ = _hammer(backend, name, capacity=2, threads=16, already_held=1)
+
+    assert state["over"] == 0 and state["peak"] == 2
+    assert state["grants"] > 16
+    assert [h.slot for h in backend.holders(name)] == [2]
