@@ -41,6 +41,18 @@ def mongo_client_patch():
         yield "mongomock"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def clean_lock_servers():
+    """Token counters and slots of earlier runs would only pile up: start empty."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_LOCK_URL)
+    prefix = backend_params("redis")["OPTIONS"]["prefix"]
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture
 def make_backend(request):
     """Factory: a fresh backend instance for the alias, closed after the test."""
