@@ -49,7 +49,8 @@ def clean_brokers():
 
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
     for alias in apps:
-        apps[alias].control.purge()
+        with apps[alias].connection_for_write() as connection:
+            apps[alias].control.purge(connection=connection)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -15,6 +16,16 @@ from django.conf import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = Path(settings.BUILD_DIR) / "logs"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the test process dies.
+
+    A pytest run that is killed skips fixture teardown; without this its
+    workers would live on and consume the next run's tasks.
+    """
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class WorkerProcess:
@@ -53,14 +64,19 @@ class WorkerProcess:
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
         self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         log.close()
         self.wait_ready(timeout)
         return self
 
-    def ping(self, timeout: float = 1.0) -> list:
-        inspector = self.app.control.inspect(destination=[self.name], timeout=timeout, limit=1)
-        return inspector.ping() or {}
+    def ping(self, timeout: float = 1.0) -> dict:
+        # A connection of its own: a pooled one may have been idle long enough
+        # for the broker to drop it (missed heartbeats) while other tests ran.
+        with self.app.connection_for_write() as connection:
+            inspector = self.app.control.inspect(destination=[self.name], timeout=timeout,
+                                                 limit=1, connection=connection)
+            return inspector.ping() or {}
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

