@@ -53,15 +53,16 @@ TEMPLATES = [{
 }]
 
 if TEST_DB == "postgres":
+    _PG_NAME = os.environ.get("TEST_PG_NAME", "celery_adv")
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": os.environ.get("TEST_PG_NAME", "celery_adv"),
+        "NAME": _PG_NAME,
         "HOST": os.environ.get("TEST_PG_HOST", "127.0.0.1"),
         "PORT": os.environ.get("TEST_PG_PORT", "5432"),
         "USER": os.environ.get("TEST_PG_USER", "postgres"),
         "PASSWORD": os.environ.get("TEST_PG_PASSWORD", ""),
         # Worker processes connect to the database pytest-django created.
-        "TEST": {"NAME": "test_celery_adv"},
+        "TEST": {"NAME": f"test_{_PG_NAME}"},
     }}
 elif TEST_DB == "sqlite":
     DATABASES = {"default": {
