@@ -1,8 +1,8 @@
 """Acquire, hold and give back a lock: the flow shared by ``lock()``, ``@locked``
 and ``LockedTask``.
 
-A granted lease is renewed in the background every ``ttl / 3`` seconds by a
-heartbeat thread. A renewal the backend refuses means the lease was lost (it
+A granted lease is renewed in the background about every ``ttl / 3`` seconds
+by the process's heartbeat thread. A renewal the backend refuses means the lease was lost (it
 expired, or the ZooKeeper session ended): that is logged at ERROR, the lease's
 ``is_valid()`` turns False and its ``on_lost`` callback runs. It is never
 silently re-acquired. A renewal that fails with a server error is tried again
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import random
 import threading
 import time
@@ -43,32 +44,78 @@ def current_lease() -> Lease | None:
     return _current_lease.get()
 
 
-class Heartbeat(threading.Thread):
-    """Renews one lease every ttl/3 until stopped; reports the lease if lost."""
+class Heartbeat:
+    """One thread per process renewing every held lease about every ttl/3.
 
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(name=f"lock-heartbeat-{lease.name}-{lease.token}", daemon=True)
-        self.lease = lease
-        self.stopped = threading.Event()
+    Registering a lease is a dict insert and a notify, so holding a lock costs
+    no thread start. The thread is (re)started lazily, also in a forked child.
+    Renewals run one after another: a lease whose server hangs delays the
+    others by at most that backend's client timeout, far below ttl/3 for the
+    TTLs locks use.
+    """
 
-    def run(self) -> None:
-        lease = self.lease
-        backend = lock_backends[lease.backend]
-        interval = max(lease.ttl / 3, 0.05)
-        while not self.stopped.wait(interval):
-            try:
-                renewed = backend.renew(lease)
-            except LockError as e:
-                if lease.is_valid():
-                    logger.warning("lock %s: renewal failed, will retry: %s", lease.name, e)
+    def __init__(self) -> None:
+        self._due: dict[int, tuple[float, Lease]] = {}
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._wake_at = float("inf")
+
+    def add(self, lease: Lease) -> None:
+        due_at = time.monotonic() + _interval(lease)
+        with self._wakeup:
+            self._due[id(lease)] = (due_at, lease)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="lock-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            elif due_at < self._wake_at:  # else the thread wakes early enough anyway
+                self._wakeup.notify()
+
+    def discard(self, lease: Lease) -> None:
+        with self._wakeup:
+            self._due.pop(id(lease), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                now = time.monotonic()
+                due = [lease for at, lease in self._due.values() if at <= now]
+                if not due:
+                    self._wake_at = min((at for at, _ in self._due.values()), default=now + 60)
+                    self._wakeup.wait(self._wake_at - now)
+                    self._wake_at = float("-inf")  # awake: every add may need a look
                     continue
-                renewed = False
-            if not renewed:
-                report_lost(lease)
-                return
+                for lease in due:  # renewed below; rescheduled only if still held
+                    self._due[id(lease)] = (now + _interval(lease), lease)
+            for lease in due:
+                if not self._renew(lease):
+                    self.discard(lease)
 
-    def stop(self) -> None:
-        self.stopped.set()
+    def _renew(self, lease: Lease) -> bool:
+        """True to keep renewing; False once the lease is lost."""
+        try:
+            renewed = lock_backends[lease.backend].renew(lease)
+        except LockError as e:
+            if lease.is_valid():
+                logger.warning("lock %s: renewal failed, will retry: %s", lease.name, e)
+                return True
+            renewed = False
+        if not renewed and self._holds(lease):  # released meanwhile: not lost
+            report_lost(lease)
+        return renewed
+
+    def _holds(self, lease: Lease) -> bool:
+        with self._wakeup:
+            return self._due.get(id(lease), (0, None))[1] is lease
+
+
+def _interval(lease: Lease) -> float:
+    return max(lease.ttl / 3, 0.05)
+
+
+heartbeat = Heartbeat()
 
 
 def report_lost(lease: Lease) -> None:
@@ -91,8 +138,7 @@ def try_acquire(policy: LockPolicy, holder: Holder,
                                                   policy.ttl)
     if lease is not None:
         lease.on_lost = on_lost
-        lease.heartbeat = Heartbeat(lease)
-        lease.heartbeat.start()
+        heartbeat.add(lease)
     return lease
 
 
@@ -114,8 +160,7 @@ def acquire_waiting(policy: LockPolicy, holder: Holder, wait: float,
 
 def release(lease: Lease) -> None:
     """Stop the heartbeat and give the slot back (a lost lease frees nothing)."""
-    if lease.heartbeat is not None:
-        lease.heartbeat.stop()
+    heartbeat.discard(lease)
     try:
         lock_backends[lease.backend].release(lease)
     except LockError as e:

@@ -28,12 +28,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+#: Read once: a lock round should not pay a system call for it.
+HOSTNAME = socket.gethostname()
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lease: stored with it so anyone can list the holders."""
 
     task_id: str | None = None
-    hostname: str = field(default_factory=socket.gethostname)
+    hostname: str = field(default_factory=lambda: HOSTNAME)
     pid: int = field(default_factory=os.getpid)
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,8 +64,6 @@ class Lease:
     backend: str = "default"
     #: Backend-private handle (a ZooKeeper recipe, an etcd lease id ...).
     handle: Any = field(default=None, repr=False, compare=False)
-    #: The heartbeat thread renewing this lease, while one runs.
-    heartbeat: Any = field(default=None, repr=False, compare=False)
     lost: bool = False
     on_lost: Callable[[Lease], None] | None = field(default=None, repr=False)
     _lost_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
