@@ -51,7 +51,7 @@ TEMPLATES = [{
 DATABASES = {"default": {
     "ENGINE": "django.db.backends.sqlite3",
     "NAME": VAR_DIR / "demo.sqlite3",
-    "OPTIONS": {"timeout": 20},
+    "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
 }}
 USE_TZ = True
 TIME_ZONE = "UTC"
