@@ -51,7 +51,8 @@ TEMPLATES = [{
 DATABASES = {"default": {
     "ENGINE": "django.db.backends.sqlite3",
     "NAME": VAR_DIR / "demo.sqlite3",
-    "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+    "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL;"},
 }}
 USE_TZ = True
 TIME_ZONE = "UTC"

@@ -68,7 +68,8 @@ elif TEST_DB == "sqlite":
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": BUILD_DIR / "celery_adv.sqlite3",
-        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30,
+                    "init_command": "PRAGMA journal_mode=WAL;"},
         # A file, not :memory:, so worker processes see the test database.
         "TEST": {"NAME": str(BUILD_DIR / "test_celery_adv.sqlite3")},
     }}

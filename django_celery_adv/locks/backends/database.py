@@ -12,7 +12,9 @@ their clocks in sync (NTP) to within a small part of the TTL.
 Error handling: ``DatabaseError`` becomes ``LockError``. On SQLite, give the
 database ``"OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20}`` so that
 concurrent acquirers wait for each other instead of failing with "database is
-locked".
+locked", and ``"init_command": "PRAGMA journal_mode=WAL;"`` so that the
+read-only "is it full?" checks of waiting acquirers never hold up a releasing
+writer.
 """
 
 from __future__ import annotations
