@@ -2,7 +2,7 @@
 
 Side by side in one run, interleaved in blocks so that drift hits both alike:
 ours (``backend.acquire`` + ``backend.release``, and the whole ``lock()`` API with
-its policy lookup and heartbeat thread) against redis-py ``Lock``, kazoo
+its policy lookup and heartbeat registration) against redis-py ``Lock``, kazoo
 ``Lock`` / ``Semaphore``, etcd3gw ``Lock`` and a bare INSERT/DELETE.
 """
 
@@ -173,7 +173,7 @@ def main() -> int:
         "\n".join(rows) + f"\n\n{ROUNDS} rounds per variant, medians; target: ours <= 1.5x "
         "the raw primitive on Redis, ZooKeeper and etcd. *backend* is the backend's "
         "acquire+release; *`lock()` API* adds the admin-row policy lookup (cached) and "
-        "starting/stopping the renewal heartbeat thread.\n")
+        "registering the lease with the process's renewal heartbeat thread.\n")
     return 0
 
 

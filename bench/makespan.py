@@ -53,6 +53,7 @@ def main() -> int:
     from django.core.management import call_command
 
     from bench.report import write_section
+    from django_celery_adv.locks.api import POLL_MAX, POLL_MIN
     from django_celery_adv.registry import apps
 
     call_command("migrate", verbosity=0)
@@ -89,10 +90,12 @@ def main() -> int:
         "\n".join(rows) + f"\n\n{TASKS} tasks of {SECONDS * 1000:.0f} ms, capacity {CAPACITY}, "
         f"one worker with {PROCESSES} prefork processes, Redis broker. Ideal = "
         f"{ideal:.1f} s; target <= 1.3x ideal with the default settings. Default policy: "
-        f"WAIT={lock_defaults['WAIT']} s of polling for a slot inside the worker (5 ms "
-        f"doubling to 100 ms, jittered), then a retry after RETRY_COUNTDOWN="
+        f"WAIT={lock_defaults['WAIT']} s of polling for a slot inside the worker "
+        f"({POLL_MIN * 1000:.0f} ms doubling to {POLL_MAX * 1000:.0f} ms, jittered), "
+        f"then a retry after RETRY_COUNTDOWN="
         f"{lock_defaults['RETRY_COUNTDOWN']} s + up to RETRY_JITTER="
-        f"{lock_defaults['RETRY_JITTER']} s. Database = the test settings' database.\n")
+        f"{lock_defaults['RETRY_JITTER']} s. Database = the test settings' database "
+        "(SQLite in WAL mode, or PostgreSQL).\n")
     return 0
 
 

@@ -102,3 +102,7 @@ class LockDefinitionAdmin(admin.ModelAdmin):
             LogEntry.objects.log_actions(request.user.pk, [definition], CHANGE,
                                          change_message=f"Force-released tokens {tokens}")
         self.message_user(request, f"Released {released} lease(s).", messages.SUCCESS)
+
+
+from . import admin_failures  # noqa: E402,F401,I001
+from . import admin_monitoring  # noqa: E402,F401

@@ -11,7 +11,15 @@ class CeleryAdvConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import (
+            checks,  # noqa: F401  (registers the system checks)
+            failures,
+            logconfig,
+        )
         from .registry import install_default_app
 
         install_default_app()
+        # Before any worker or beat starts: Celery sends setup_logging while it
+        # boots, and task_failure from the first task on.
+        logconfig.connect()
+        failures.connect()

@@ -16,10 +16,12 @@ E010    ``LOCK_BACKENDS`` missing ``default``, or an entry is malformed
 E011    a lock backend's ``BACKEND`` cannot be imported
 E012    a lock backend lacks a required option
 E013    ``LOCK_DEFAULTS`` has an unknown key or a bad value
-E014    ``LOGGING`` is not None, a dict, or an importable callable
+E014    ``LOGGING`` (global, or an app's own) is not None, a dict, or an
+        importable callable
 E015    ``INSPECT_TIMEOUT``, ``RECORD_FAILURES`` or
         ``FAILURE_RETENTION_DAYS`` has a bad value
-W001    an app sets a key that is not a Celery setting (a typo?)
+W001    an app sets a key that is not a Celery setting (a typo?); its
+        ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
 
 Checks read settings only: they build no Celery app and open no connection.
@@ -38,6 +40,7 @@ from django.utils.module_loading import import_string
 from . import conf
 from .exceptions import InvalidLockBackendError
 from .locks.backends import load_backend_class, pip_extra_for
+from .logconfig import APP_LOGGING_KEY
 from .registry import isolation_defaults
 
 ID = "django_celery_adv.{}"
@@ -119,6 +122,9 @@ def check_apps(app_settings: Any) -> list[CheckMessage]:
         obj = f"CELERY_ADV['APPS'][{alias!r}]"
         if isinstance(settings, dict):
             messages += _check_setting_names(obj, settings)
+            if APP_LOGGING_KEY in settings:
+                messages += check_logging(settings[APP_LOGGING_KEY],
+                                          f"{obj}[{APP_LOGGING_KEY!r}]", obj)
         if not isinstance(settings, dict) or not broker_urls(settings):
             messages.append(_error(
                 "E004", f"{obj} has no 'broker_url'.",
@@ -138,7 +144,7 @@ def _check_setting_names(obj: str, settings: Mapping[str, Any]) -> list[CheckMes
 
     messages: list[CheckMessage] = []
     for key in sorted(settings):
-        if key not in CELERY_DEFAULTS:
+        if key not in CELERY_DEFAULTS and key != APP_LOGGING_KEY:
             messages.append(Warning(
                 f"{obj} sets {key!r}, which is not a Celery setting; it is ignored.",
                 hint="Use Celery's lowercase setting names, e.g. 'broker_url', "
@@ -296,7 +302,8 @@ def check_lock_defaults(defaults: Any) -> list[CheckMessage]:
 
 # -- LOGGING and scalars ------------------------------------------------------
 
-def check_logging(value: Any) -> list[CheckMessage]:
+def check_logging(value: Any, name: str = "CELERY_ADV['LOGGING']",
+                  obj: str = "CELERY_ADV") -> list[CheckMessage]:
     if value is None or isinstance(value, dict):
         return []
     if isinstance(value, str):
@@ -304,10 +311,10 @@ def check_logging(value: Any) -> list[CheckMessage]:
             if callable(import_string(value)):
                 return []
         except ImportError as e:
-            return [_error("E014", f"CELERY_ADV['LOGGING'] {value!r} cannot be imported: {e}.",
-                           hint="Give the dotted path of a callable.")]
-    return [_error("E014", "CELERY_ADV['LOGGING'] must be None, a logging dictConfig dict, "
-                           "or the dotted path of a callable.")]
+            return [_error("E014", f"{name} {value!r} cannot be imported: {e}.",
+                           hint="Give the dotted path of a callable.", obj=obj)]
+    return [_error("E014", f"{name} must be None, a logging dictConfig dict, "
+                           "or the dotted path of a callable.", obj=obj)]
 
 
 def check_scalars(config: Mapping[str, Any]) -> list[CheckMessage]:

@@ -1,4 +1,5 @@
-"""Tables of the library: the database lock backend's leases and fencing counters."""
+"""Tables of the library: lock definitions, the database lock backend's leases and
+fencing counters, the monitoring permission, and task-failure groups."""
 
 from __future__ import annotations
 
@@ -124,3 +125,61 @@ class Monitoring(models.Model):
         permissions = [("view_monitoring", "Can view the Celery monitoring pages")]
         verbose_name = "Celery monitoring"
         verbose_name_plural = "Celery monitoring"
+
+    def __str__(self) -> str:
+        return "Celery monitoring"
+
+
+class TaskFailure(models.Model):
+    """One group of task failures: the same bug, however often and with whatever arguments.
+
+    Grouped by ``fingerprint`` (task name + exception class + innermost frame
+    of project code, see :mod:`django_celery_adv.failures`). The ``last_*``
+    fields describe the newest occurrence; ``count`` counts them all, also
+    those whose per-day rows were pruned. A resolved group reopens on its next
+    occurrence.
+    """
+
+    fingerprint = models.CharField(max_length=64, unique=True)
+    task_name = models.CharField(max_length=255, db_index=True)
+    exception_type = models.CharField("exception", max_length=255, db_index=True)
+    location = models.CharField(
+        max_length=500, blank=True,
+        help_text="Innermost frame of project code: file:function.")
+    app_alias = models.CharField("app", max_length=100, blank=True, db_index=True)
+    count = models.PositiveBigIntegerField(default=0)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    last_message = models.TextField(blank=True)
+    last_traceback = models.TextField(blank=True)
+    last_task_id = models.CharField(max_length=255, blank=True)
+    last_args = models.TextField(blank=True)
+    last_kwargs = models.TextField(blank=True)
+    last_hostname = models.CharField("worker", max_length=255, blank=True)
+    resolved = models.BooleanField(default=False, db_index=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen"]
+        verbose_name = "task failure"
+
+    def __str__(self) -> str:
+        return f"{self.task_name}: {self.exception_type.rpartition('.')[2]}"
+
+
+class TaskFailureDay(models.Model):
+    """How often one failure group occurred on one day: the history behind the chart."""
+
+    failure = models.ForeignKey(TaskFailure, on_delete=models.CASCADE, related_name="days")
+    day = models.DateField(db_index=True)
+    count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "task failures per day"
+        verbose_name_plural = "task failures per day"
+        constraints = [
+            models.UniqueConstraint(fields=["failure", "day"], name="dca_failure_day_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.failure_id} {self.day}: {self.count}"

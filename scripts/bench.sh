@@ -10,3 +10,4 @@ bash scripts/services.sh start
 trap 'bash scripts/services.sh stop' EXIT
 .venv/bin/python -m bench.locks_roundtrip
 .venv/bin/python -m bench.makespan
+.venv/bin/python -m bench.inspect_all

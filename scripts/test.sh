@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
 ensure_venv "all,test"
+# Headless browser for tests/test_monitoring_browser.py: Debian's chromium and
+# chromium-driver (selenium uses /usr/bin/chromedriver; nothing is downloaded).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "installing chromium + chromium-driver (Debian) ..."
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    chromium chromium-driver >/dev/null
+fi
 bash scripts/services.sh start
 trap 'bash scripts/services.sh stop' EXIT
 

@@ -532,6 +532,25 @@ def test_valid_logging_produces_no_message(logging):
     assert ids(valid(LOGGING=logging)) == []
 
 
+@pytest.mark.parametrize("logging", [None, {"version": 1}, "logging.basicConfig"])
+def test_an_apps_own_logging_key_is_not_a_w001(logging):
+    # APPS[alias]["LOGGING"] is this library's per-app override, not a Celery setting.
+    assert ids(valid(APPS={"default": {"broker_url": REDIS, "LOGGING": logging}})) == []
+
+
+def test_e014_an_apps_own_logging_key_names_the_app():
+    config = valid(APPS={"default": {"broker_url": REDIS, "LOGGING": 42},
+                         "other": {"broker_url": REDIS, "LOGGING": "no_such_module.hook",
+                                   "task_default_queue": "other",
+                                   "control_exchange": "other"}})
+    found = messages(config)
+    assert [m.id for m in found] == [PREFIX + "E014"] * 2
+    assert found[0].obj == "CELERY_ADV['APPS']['default']"
+    assert "CELERY_ADV['APPS']['default']['LOGGING'] must be None" in found[0].msg
+    assert found[1].obj == "CELERY_ADV['APPS']['other']"
+    assert "cannot be imported" in found[1].msg
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("INSPECT_TIMEOUT", 0),
     ("INSPECT_TIMEOUT", -1.0),

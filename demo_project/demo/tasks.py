@@ -57,3 +57,17 @@ def nightly_report() -> str:
     with lock("nightly-report", blocking=False) as lease:
         time.sleep(1)
         return f"report written with fencing token {lease.token}"
+
+
+def parse_amount(text: str) -> int:
+    """Where the demo's bug lives: the innermost project frame of its failures."""
+    return int(text.replace(",", ""))
+
+
+@apps["default"].task(name="demo.tasks.charge_invoice")
+def charge_invoice(invoice_id: int, amount: str, api_token: str = "") -> int:
+    """Fails on purpose for amounts like "12.50": one group under Celery > Task failures.
+
+    ``api_token`` shows the masking: the admin shows it as ``****``.
+    """
+    return parse_amount(amount)

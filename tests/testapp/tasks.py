@@ -105,3 +105,7 @@ def locked_sleep(self, name, seconds):
     from django_celery_adv.locks.tasks import run_locked
 
     return run_locked(self, name, 4, lambda: time.sleep(seconds))
+
+
+from tests.testapp import failing_tasks  # noqa: E402,F401
+from tests.testapp.monitoring_tasks import *  # noqa: E402,F403

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-
 #: Read once: a lock round should not pay a system call for it.
 HOSTNAME = socket.gethostname()
 

@@ -26,5 +26,15 @@ class Command(BaseCommand):
         sent["import_data() again at once: dropped -> None"] = \
             tasks.import_data.delay("https://example.com/feed")
         sent["nightly_report() with lock()"] = tasks.nightly_report.delay()
+        for invoice_id, amount in enumerate(["12.50", "7.99", "1,000.00"], start=1):
+            sent[f"charge_invoice({invoice_id}, {amount!r}) fails on purpose"] = \
+                tasks.charge_invoice.delay(invoice_id, amount, api_token="demo-secret")
         for label, result in sent.items():
-            self.stdout.write(f"{label}: {result.get(timeout=timeout)}")
+            try:
+                outcome = result.get(timeout=timeout)
+            except Exception as e:  # a failed task re-raises its error here: show its class
+                if not result.failed():  # a timeout or a broker error is not the demo's
+                    raise
+                outcome = self.style.ERROR(f"failed with {type(e).__name__} "
+                                           "(see Celery > Task failures in the admin)")
+            self.stdout.write(f"{label}: {outcome}")

@@ -1,0 +1,164 @@
+"""``manage.py celery_status [ping|active|stats|queues]``: every app's workers at once.
+
+Reads all apps of ``CELERY_ADV["APPS"]`` (or those named with ``--app``)
+concurrently through :func:`django_celery_adv.monitoring.inspect_all`. The
+default output reads like ``celery inspect ping``, grouped by app, followed by
+one workers table; ``--json`` prints the readings instead.
+
+Exit status, so it serves as a container health check: 0 when every app's
+broker answered and at least one of its workers is online, 1 otherwise, 2 for
+a configuration error (an unknown alias, a system-check error, a bad option).
+Broker passwords never appear in the output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import (
+    BaseCommand,
+    CommandError,
+    CommandParser,
+    SystemCheckError,
+)
+
+from django_celery_adv.exceptions import CeleryAdvError
+from django_celery_adv.monitoring import AppStatus, WorkerStatus, inspect_all
+from django_celery_adv.registry import apps
+
+UNKNOWN = "?"
+TABLE_COLUMNS = ("app", "worker", "status", "concurrency", "completed", "running", "queues")
+
+
+def _value(value: Any) -> str:
+    return UNKNOWN if value is None else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return UNKNOWN
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n][:2]
+    return " ".join(shown) or "0s"
+
+
+class Command(BaseCommand):
+    help = ("Status of the workers of every Celery app: ping, active tasks, stats or "
+            "queues, then a workers table. Exit 0 healthy, 1 unhealthy, 2 misconfigured.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("what", nargs="?", default="ping",
+                            choices=["ping", "active", "stats", "queues"],
+                            help="What to print per worker before the table (default: ping).")
+        parser.add_argument("--app", action="append", dest="aliases", metavar="ALIAS",
+                            help="Only this app (repeat for several); default: all apps.")
+        parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                            help="Seconds to wait for replies (default: INSPECT_TIMEOUT).")
+        parser.add_argument("--json", action="store_true", dest="as_json",
+                            help="Print the readings as JSON.")
+
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        # A system-check error is a configuration error: exit 2, not Django's 1,
+        # so a health check can tell "misconfigured" from "unhealthy".
+        try:
+            super().check(*args, **kwargs)
+        except SystemCheckError as e:
+            raise CommandError(str(e), returncode=2) from e
+
+    def handle(self, *args: Any, what: str, aliases: list[str] | None,
+               timeout: float | None, as_json: bool, **options: Any) -> None:
+        if timeout is not None and not timeout > 0:
+            raise CommandError("--timeout must be a positive number of seconds", returncode=2)
+        unknown = [alias for alias in aliases or [] if alias not in apps]
+        if unknown:
+            raise CommandError(
+                f"unknown app {', '.join(map(repr, unknown))}; CELERY_ADV['APPS'] has: "
+                f"{', '.join(apps) or 'none'}", returncode=2)
+        try:
+            statuses = inspect_all(aliases, timeout=timeout)
+        except CeleryAdvError as e:  # an app whose settings cannot be built
+            raise CommandError(str(e), returncode=2) from e
+
+        if as_json:
+            self.stdout.write(json.dumps(
+                {alias: status.as_dict() for alias, status in statuses.items()}, indent=2))
+        else:
+            for status in statuses.values():
+                self.write_app(status, what)
+            self.write_table(statuses.values())
+
+        unhealthy = [
+            f"{status.alias} ({'no worker online' if status.reachable else 'unreachable'})"
+            for status in statuses.values() if not status.healthy]
+        if unhealthy:
+            raise CommandError(f"unhealthy: {', '.join(unhealthy)}", returncode=1)
+
+    # -- text output ---------------------------------------------------------------
+
+    def write_app(self, status: AppStatus, what: str) -> None:
+        self.stdout.write(self.style.MIGRATE_HEADING(
+            f"{status.alias}: {status.broker} (read in {status.duration * 1000:.0f} ms)"))
+        if not status.reachable:
+            self.stdout.write(self.style.ERROR(f"Error: {status.error}"))
+        for worker in status.workers:
+            self.write_worker(worker, what)
+        online = len(status.online)
+        self.stdout.write(f"{online} node{'' if online == 1 else 's'} online.")
+        self.stdout.write("")
+
+    def write_worker(self, worker: WorkerStatus, what: str) -> None:
+        if not worker.online:
+            seen = worker.last_seen.strftime("%Y-%m-%d %H:%M:%S UTC") if worker.last_seen \
+                else UNKNOWN
+            self.stdout.write(self.style.WARNING(
+                f"-> {worker.name}: {worker.status} (last seen {seen})"))
+            return
+        if what == "ping":
+            self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS(
+                f"OK {worker.ping}" if worker.ping else "OK"))
+            return
+        self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS("OK"))
+        if what == "active":
+            if worker.active is None:
+                self.stdout.write(f"    {UNKNOWN} (no reply to active)")
+            elif not worker.active:
+                self.stdout.write("    - empty -")
+            for task in worker.active or []:
+                runtime = UNKNOWN if task.runtime is None else f"{task.runtime:.1f} s"
+                self.stdout.write(
+                    f"    * {task.name}[{task.id}] args={task.args} kwargs={task.kwargs} "
+                    f"pid={_value(task.worker_pid)} runtime={runtime}")
+        elif what == "stats":
+            for label, value in (
+                    ("pool", worker.pool), ("concurrency", worker.concurrency),
+                    ("completed", worker.completed), ("running", worker.running),
+                    ("prefetch", worker.prefetch), ("pid", worker.pid),
+                    ("uptime", _duration(worker.uptime))):
+                self.stdout.write(f"    {label}: {_value(value)}")
+        elif what == "queues":
+            if worker.queues is None:
+                self.stdout.write(f"    {UNKNOWN} (no reply to active_queues)")
+            for queue in worker.queues or []:
+                self.stdout.write(f"    * {queue}")
+
+    def write_table(self, statuses: Any) -> None:
+        rows = [TABLE_COLUMNS]
+        for status in statuses:
+            for worker in status.workers:
+                rows.append((status.alias, worker.name, str(worker.status),
+                             _value(worker.concurrency), _value(worker.completed),
+                             _value(worker.running),
+                             UNKNOWN if worker.queues is None else ",".join(worker.queues)))
+        if len(rows) == 1:
+            self.stdout.write("No workers.")
+            return
+        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+        for index, row in enumerate(rows):
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                       strict=True)).rstrip()
+            self.stdout.write(self.style.MIGRATE_LABEL(line) if index == 0 else line)

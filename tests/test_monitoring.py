@@ -1,0 +1,271 @@
+"""inspect_all() against real workers on Redis and RabbitMQ, and the masking helpers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import datetime
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from django_celery_adv import monitoring
+from django_celery_adv.masking import MASK, mask_secrets, mask_text, mask_url, url_secrets
+from django_celery_adv.monitoring import Status, forget_workers, inspect_all, save_seen
+from tests.testapp.monitoring_tasks import monitored_sleep
+
+SECRET = "secretpw"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_down_apps(**extra_apps: dict) -> override_settings:
+    """The test settings plus apps whose brokers refuse connections."""
+    port = closed_port()
+    down = {
+        "down_redis": {"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"},
+        "down_amqp": {"broker_url": f"amqp://u:{SECRET}@127.0.0.1:{port}//"},
+        **extra_apps,
+    }
+    return override_settings(CELERY_ADV={**settings.CELERY_ADV,
+                                         "APPS": {**settings.CELERY_ADV["APPS"], **down}})
+
+
+@pytest.fixture(autouse=True)
+def fresh_record():
+    """Each test starts without a last-seen record (workers of other tests come and go)."""
+    forget_workers()
+    yield
+    forget_workers()
+
+
+@pytest.fixture
+def session_workers(default_worker, global_worker, twin_worker):
+    return {"default": default_worker, "global": global_worker, "twin": twin_worker}
+
+
+# -- masking ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "masked"), [
+    ("redis://:secretpw@127.0.0.1:6379/0", f"redis://:{MASK}@127.0.0.1:6379/0"),
+    ("amqp://user:secretpw@rabbit:5672/vhost", f"amqp://user:{MASK}@rabbit:5672/vhost"),
+    ("amqp://user@rabbit//", "amqp://user@rabbit//"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("amqp://a:secretpw@h1//;amqp://b:secretpw@h2//", f"amqp://a:{MASK}@h1//;amqp://b:{MASK}@h2//"),
+    ("mongodb://h/db?authSource=admin&password=secretpw",
+     f"mongodb://h/db?authSource=admin&password={MASK}"),
+    ("sentinel://:secretpw@s1:26379;sentinel://:secretpw@s2:26379",
+     f"sentinel://:{MASK}@s1:26379;sentinel://:{MASK}@s2:26379"),
+])
+def test_mask_url_hides_passwords_and_keeps_the_rest(url, masked):
+    assert mask_url(url) == masked
+    assert SECRET not in mask_url(url)
+
+
+def test_mask_url_accepts_lists_and_none():
+    assert mask_url(["redis://:secretpw@a/0", "redis://b/0"]) == f"redis://:{MASK}@a/0;redis://b/0"
+    assert mask_url(None) == ""
+    assert url_secrets("amqp://u:secretpw@h//;redis://:other@h/0") == ["secretpw", "other"]
+
+
+@pytest.mark.parametrize("text", [
+    "Error connecting to redis://:secretpw@10.0.0.1:6379/0: refused",
+    "kwargs={'password': 'secretpw', 'n': 1}",
+    '{"api_key": "secretpw"}',
+    "login failed for token=secretpw&user=x",
+    "AUTH secretpw rejected",  # a bare password the caller names
+])
+def test_mask_text_hides_every_shape_of_secret(text):
+    masked = mask_text(text, secrets=[SECRET])
+    assert SECRET not in masked
+    assert MASK in masked
+
+
+def test_mask_text_leaves_ordinary_text_alone():
+    text = "Error 111 connecting to 127.0.0.1:1. Connection refused."
+    assert mask_text(text, secrets=["pw"]) == text  # too short to search for literally
+
+
+def test_mask_secrets_copies_nested_structures():
+    data = {"user": "bob", "Password": 123, "nested": [{"db_url": "redis://:secretpw@h/0"},
+                                                     ("x", {"client_secret": "s"})]}
+    masked = mask_secrets(data)
+
+    assert masked == {"user": "bob", "Password": MASK, "nested": [
+        {"db_url": f"redis://:{MASK}@h/0"}, ("x", {"client_secret": MASK})]}
+    assert data["Password"] == 123  # the input is untouched
+
+
+# -- reading real workers ---------------------------------------------------------------
+
+def test_lists_exactly_the_running_workers_of_each_app(session_workers):
+    statuses = inspect_all()
+
+    assert list(statuses) == list(settings.CELERY_ADV["APPS"])
+    expected_queues = {"default": ["celery"], "global": ["global"], "twin": ["twin"]}
+    for alias, worker_process in session_workers.items():
+        status = statuses[alias]
+        assert status.reachable and status.error is None, status.error
+        # Two apps on one Redis database (default, twin) never list each other's worker.
+        assert [worker.name for worker in status.workers] == [worker_process.name]
+        [worker] = status.workers
+        assert worker.status == Status.ONLINE and worker.ping == "pong"
+        assert worker.concurrency == 2
+        assert worker.queues == expected_queues[alias]
+        assert worker.pool == "prefork"
+        assert worker.prefetch == 2  # concurrency x worker_prefetch_multiplier=1
+        assert worker.running == 0 and worker.active == []
+        assert isinstance(worker.completed, int) and worker.uptime > 0
+        assert isinstance(worker.pid, int)
+    # RabbitMQ's URL carries the password "guest": shown masked.
+    assert ":guest@" not in statuses["global"].broker and MASK in statuses["global"].broker
+
+
+def test_apps_are_read_concurrently_and_known_workers_end_a_reading_early(session_workers):
+    timeout = 1.5
+    started = time.monotonic()
+    inspect_all(timeout=timeout)  # discovery: nothing known yet, waits the timeout
+    discovery = time.monotonic() - started
+    # Three apps each waiting the timeout: concurrent means ~1x, not 3x.
+    assert timeout <= discovery < timeout + monitoring.HARD_GRACE
+
+    timings = []
+    for _ in range(5):
+        started = time.monotonic()
+        statuses = inspect_all(timeout=timeout)
+        timings.append(time.monotonic() - started)
+        assert all(len(status.online) == 1 for status in statuses.values())
+    # Every known worker answered: no reading waited for its timeout.
+    assert sorted(timings)[2] < 0.3, timings
+    assert max(timings) < timeout, timings
+
+
+def test_a_running_task_is_listed_with_masked_arguments(default_worker):
+    result = monitored_sleep.apply_async(
+        args=[4], kwargs={"password": SECRET, "dsn": f"redis://:{SECRET}@db:6379/0", "n": 7})
+    deadline = time.monotonic() + 15
+    task = worker = None
+    while time.monotonic() < deadline and task is None:
+        worker = inspect_all(["default"])["default"].worker(default_worker.name)
+        task = next((t for t in worker.active or [] if t.id == result.id), None)
+    assert task is not None, "the task never showed up under active"
+
+    assert worker.running >= 1
+    assert task.name == "testapp.monitored_sleep"
+    assert task.args == "[4]" or task.args == "(4,)"
+    assert SECRET not in task.kwargs and "'n': 7" in task.kwargs and MASK in task.kwargs
+    assert isinstance(task.worker_pid, int) and task.worker_pid != worker.pid
+    assert isinstance(task.started, datetime) and 0 <= task.runtime < 15
+
+    completed_before = worker.completed
+    result.get(timeout=30)
+    after = inspect_all(["default"])["default"].worker(default_worker.name)
+    assert all(t.id != result.id for t in after.active)
+    assert after.completed >= completed_before + 1
+
+
+def test_a_down_broker_is_unreachable_within_the_timeout_and_hides_its_password(
+        session_workers):
+    timeout = 1.0
+    with with_down_apps():
+        started = time.monotonic()
+        statuses = inspect_all(timeout=timeout)
+        elapsed = time.monotonic() - started
+
+    assert elapsed <= timeout + 1
+    for alias in ("down_redis", "down_amqp"):
+        status = statuses[alias]
+        assert status.reachable is False and status.workers == []
+        assert "refused" in status.error.lower(), status.error
+        assert SECRET not in status.error and SECRET not in status.broker
+        assert MASK in status.broker
+        assert not status.healthy
+    # The other apps are unaffected.
+    assert all(statuses[alias].healthy for alias in session_workers)
+
+
+def test_a_stalled_broker_is_abandoned_not_waited_for(session_workers):
+    """A server that accepts connections and never answers: no hang, an error."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        with with_down_apps(stalled_redis={"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"},
+                            stalled_amqp={"broker_url": f"amqp://u:{SECRET}@127.0.0.1:{port}//"}):
+            started = time.monotonic()
+            statuses = inspect_all(["default", "stalled_redis", "stalled_amqp"], timeout=1.0)
+            elapsed = time.monotonic() - started
+        # The reading threads end on their own socket timeouts while the server
+        # still stalls: nothing hangs on after inspect_all() gave up.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _reading_threads("stalled"):
+            time.sleep(0.1)
+        left_over = _reading_threads("stalled")
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+    assert elapsed <= 2.0
+    assert not left_over
+    assert statuses["default"].healthy
+    for alias in ("stalled_redis", "stalled_amqp"):
+        assert statuses[alias].reachable is False
+        assert statuses[alias].error and SECRET not in statuses[alias].error
+
+
+def _reading_threads(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(f"inspect-{prefix}")]
+
+
+def test_silent_known_workers_are_unknown_not_down(default_worker):
+    now = time.time()
+    # The ghost answered the latest reading, like the real worker: it is
+    # expected, so this reading waits its timeout for it, then says "no reply".
+    save_seen("default", {default_worker.name: now - 5, "ghost@nowhere": now - 5,
+                          "old@nowhere": now - 2 * monitoring.OFFLINE_AFTER,
+                          "gone@nowhere": now - 2 * monitoring.FORGET_AFTER})
+
+    status = inspect_all(["default"], timeout=0.5)["default"]
+
+    by_name = {worker.name: worker for worker in status.workers}
+    assert set(by_name) == {default_worker.name, "ghost@nowhere", "old@nowhere"}
+    assert by_name[default_worker.name].status == Status.ONLINE
+    ghost = by_name["ghost@nowhere"]
+    assert ghost.status == Status.NO_REPLY
+    assert (ghost.concurrency, ghost.completed, ghost.running, ghost.queues) == (None,) * 4
+    assert by_name["old@nowhere"].status == Status.OFFLINE
+    assert status.healthy  # one online worker is enough
+
+    with with_down_apps():
+        save_seen("down_redis", {"ghost@nowhere": now})
+        down = inspect_all(["down_redis"], timeout=0.5)["down_redis"]
+    assert [(w.name, w.status) for w in down.workers] == [("ghost@nowhere", Status.UNKNOWN)]
+
+
+def test_as_dict_is_json_ready(default_worker):
+    import json
+
+    data = inspect_all(["default"])["default"].as_dict()
+
+    assert json.loads(json.dumps(data))["workers"][0]["name"] == default_worker.name
+    assert data["workers"][0]["status"] == "online"
+    assert isinstance(data["read_at"], str)
