@@ -27,6 +27,7 @@ from kazoo.client import KazooClient
 from kazoo.recipe.lock import Lock, Semaphore
 
 from django_celery_adv.exceptions import LockError
+from django_celery_adv.locks.backends import zookeeper
 from django_celery_adv.locks.backends.base import Holder, Lease
 from django_celery_adv.locks.backends.zookeeper import ZooKeeperBackend
 
@@ -205,6 +206,7 @@ def test_tokens_are_the_lease_nodes_czxid_and_grow_across_both_recipes(backend, 
 CHILD = """
 import json, sys, time
 from django_celery_adv.locks.backends.base import Holder
+from django_celery_adv.locks.backends import zookeeper
 from django_celery_adv.locks.backends.zookeeper import ZooKeeperBackend
 backend = ZooKeeperBackend("zookeeper", json.loads(sys.argv[1]))
 lease = backend.acquire("crash", 1, Holder(task_id="victim"), 30)
@@ -277,6 +279,167 @@ def test_stale_release_does_not_free_the_next_holders_slot(make):
     assert other.renew(fresh) is True
     assert [h.token for h in backend.holders("stale")] == [fresh.token]
     assert backend.acquire("stale", 1, holder("third"), TTL) is None
+
+
+# -- optimistic grants: what a concurrent grant of the other recipe does -----------------
+
+@pytest.fixture
+def in_window(monkeypatch):
+    """Run ``action(client)`` once right after the recipe created our lease node.
+
+    That is where a concurrent grant whose own check has not run yet can
+    appear: the check that follows must see it.
+    """
+    def patch(recipe: str, action: Callable[[], None]) -> None:
+        base = {"lock": Lock, "semaphore": Semaphore}[recipe]
+        done = []
+
+        class Injecting(base):  # type: ignore[valid-type, misc]
+            def acquire(self, *args, **kwargs):
+                gotten = super().acquire(*args, **kwargs)
+                if gotten and not done and self.path.endswith(f"/{recipe}"):
+                    done.append(True)
+                    action()
+                return gotten
+
+        monkeypatch.setattr(zookeeper, base.__name__, Injecting)
+
+    return patch
+
+
+def test_a_lock_grant_backs_off_from_a_semaphore_lease_that_appears(backend, raw_zk, root,
+                                                                    in_window):
+    semaphore = f"{root}/racing/semaphore"
+    raw_zk.ensure_path(semaphore)
+    lease_path = f"{semaphore}/{uuid.uuid4().hex}-slot0"
+    in_window("lock", lambda: raw_zk.create(lease_path, b"{}", ephemeral=True))
+
+    assert backend.acquire("racing", 1, holder("lock"), TTL) is None
+    assert raw_zk.get_children(f"{root}/racing/lock") == []  # our node was given back
+    raw_zk.delete(lease_path)
+    assert backend.acquire("racing", 1, holder("lock"), TTL) is not None
+
+
+def test_a_lock_grant_older_than_a_semaphore_lease_that_came_and_went_retries(
+        backend, raw_zk, root, in_window):
+    semaphore = f"{root}/younger/semaphore"
+    raw_zk.ensure_path(semaphore)
+    younger = []
+
+    def come_and_go() -> None:
+        path = raw_zk.create(f"{semaphore}/{uuid.uuid4().hex}-slot0", b"{}", ephemeral=True)
+        younger.append(raw_zk.exists(path).czxid)
+        raw_zk.delete(path)
+
+    in_window("lock", come_and_go)
+    lease = backend.acquire("younger", 1, holder("lock"), TTL)
+
+    # Granted on the second try: a token below the younger lease's would go backwards.
+    assert lease is not None and lease.token > younger[0]
+    assert raw_zk.get_children(f"{root}/younger/lock") == [lease.handle.path.rpartition("/")[2]]
+
+
+def test_a_semaphore_grant_counts_a_lock_node_that_appears(make, raw_zk, root, in_window):
+    backend, other = make(), make()
+    held = other.acquire("mixed", 2, holder("held"), TTL)
+    raw_zk.ensure_path(f"{root}/mixed/lock")
+    in_window("semaphore", lambda: raw_zk.create(f"{root}/mixed/lock/x__lock__", b"{}",
+                                                  ephemeral=True, sequence=True))
+
+    # One Semaphore lease + the Lock's node: the capacity (2) is taken.
+    assert backend.acquire("mixed", 2, holder("late"), TTL) is None
+    assert raw_zk.get_children(f"{root}/mixed/semaphore") == \
+        [held.handle.path.rpartition("/")[2]]
+
+
+def test_a_semaphore_grant_older_than_a_lease_that_came_and_went_retries(
+        backend, raw_zk, root, in_window):
+    first = backend.acquire("sem-younger", 3, holder("first"), TTL)  # the Semaphore exists
+    semaphore = f"{root}/sem-younger/semaphore"
+    younger = []
+
+    def come_and_go() -> None:
+        path = raw_zk.create(f"{semaphore}/{uuid.uuid4().hex}-slot2", b"{}", ephemeral=True)
+        younger.append(raw_zk.exists(path).czxid)
+        raw_zk.delete(path)
+
+    in_window("semaphore", come_and_go)
+    lease = backend.acquire("sem-younger", 3, holder("second"), TTL)
+
+    assert lease is not None and lease.token > younger[0] > first.token
+    assert len(raw_zk.get_children(semaphore)) == 2
+
+
+def test_a_stale_copy_of_the_lease_list_is_caught_by_the_check(make):
+    backend, other = make(), make()
+    backend.release(backend.acquire("copy", 3, holder("a"), TTL))  # its copy: no lease
+    theirs = other.acquire("copy", 3, holder("b"), TTL)
+    assert theirs.slot == 0
+
+    ours = backend.acquire("copy", 3, holder("c"), TTL)  # slot 0 from the copy: caught
+
+    assert ours.slot == 1 and ours.token > theirs.token
+    assert [(h.slot, h.holder.task_id) for h in backend.holders("copy")] == [(0, "b"), (1, "c")]
+    other.release(theirs)
+    # The copy still has slot 0 taken: a free slot, not yet the lowest ...
+    assert backend.acquire("copy", 3, holder("d"), TTL).slot == 2
+    # ... but the check listed the leases: the copy is current again.
+    assert backend.acquire("copy", 3, holder("e"), TTL).slot == 0
+    assert [h.slot for h in other.holders("copy")] == [0, 1, 2]
+
+
+def test_mixed_capacities_from_two_sessions_keep_count_slots_and_token_order(make):
+    """Grants with capacity 1 and 2 on one name, from two sessions at once.
+
+    A grant that started after another returned, and while that one is still
+    held, must have counted it (within its own capacity), must not share its
+    slot, and must get a larger token (the server is a single one: reads are
+    linearizable).
+    """
+    backends = [make(), make()]
+    mu = threading.Lock()
+    seq = iter(range(10**9))
+    live: dict[int, tuple[int, int]] = {}  # end seq -> (slot, token)
+    grants: list[tuple[int, int, int]] = []  # (start seq, end seq, token)
+    errors: list[str] = []
+
+    def work(index: int) -> None:
+        backend = backends[index % 2]
+        for round_ in range(12):
+            capacity = 1 + (index + round_) % 2
+            while True:
+                with mu:
+                    start = next(seq)
+                lease = backend.acquire("mixed-race", capacity, holder(f"w{index}"), TTL)
+                if lease is not None:
+                    break
+                time.sleep(0.001)
+            with mu:
+                end = next(seq)
+                before = {e: v for e, v in live.items() if e < start}
+                if len(before) + 1 > capacity:
+                    errors.append(f"{len(before) + 1} holders with capacity {capacity}")
+                if lease.slot in {slot for slot, _ in before.values()}:
+                    errors.append(f"slot {lease.slot} shared")
+                live[end] = (lease.slot, lease.token)
+                grants.append((start, end, lease.token))
+            time.sleep(0.003)
+            with mu:
+                del live[end]
+            backend.release(lease)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(120)
+
+    assert not errors, errors[:5]
+    assert len(grants) == 6 * 12
+    for start, _, token in grants:
+        earlier = [t for _, end, t in grants if end < start]
+        assert not earlier or max(earlier) < token
+    assert backends[0].holders("mixed-race") == []
 
 
 # -- capacity changes ---------------------------------------------------------------
@@ -471,13 +634,14 @@ def test_sweep_deletes_nodes_of_this_session_that_no_lease_owns(make, root):
     # What a create cut off by a connection loss leaves behind.
     orphan = client.create(f"{root}/orphans/semaphore/{uuid.uuid4().hex}", b"{}",
                            ephemeral=True)
-    stuck_guard = client.create(f"{root}/orphans/guard/x__lock__", b"", ephemeral=True,
-                                sequence=True)
-    assert backend.acquire("orphans", 2, holder("blocked"), TTL) is None  # guard is stuck
+    # The Semaphore's own lock, taken by a create whose answer never came.
+    stuck_lock = client.create(f"{root}/orphans/semaphore-__lock__/x__lock__", b"",
+                               ephemeral=True, sequence=True)
+    assert backend.acquire("orphans", 2, holder("blocked"), TTL) is None  # the lock is stuck
     backend._dirty.add("orphans")
 
     backend._sweep(client)
 
-    assert client.exists(orphan) is None and client.exists(stuck_guard) is None
+    assert client.exists(orphan) is None and client.exists(stuck_lock) is None
     assert client.exists(kept.handle.path) is not None
     assert backend.acquire("orphans", 2, holder("free"), TTL) is not None

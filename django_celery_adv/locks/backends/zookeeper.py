@@ -5,23 +5,51 @@ capacity is a kazoo :class:`~kazoo.recipe.lock.Semaphore`. Each lease is an
 ephemeral node whose data is the holder as JSON (``task_id``, ``hostname``,
 ``pid``, plus ``slot`` and ``ttl``), so any kazoo client can list the holders
 with ``Semaphore.lease_holders()`` or ``Lock.contenders()``. The fencing token
-is the lease node's ``czxid``: zxids grow across the whole ensemble, and grants
-of one name are serialized, so grant order is creation order.
+is the lease node's ``czxid``.
 
 Layout under ``<root>/<quoted name>/``::
 
-    guard/                  a kazoo Lock held by this backend around each grant
     semaphore               kazoo Semaphore (data: max_leases), its lease nodes
+                            (named ``<uuid>-slot<n>``, the slot also in the data)
     semaphore-__lock__/     the Semaphore's own internal lock
     lock/                   kazoo Lock used when the capacity is 1
 
-Every grant holds ``guard`` while it counts the live leases of *both* recipes
-and then creates its node, so the total never exceeds the capacity: not when
-an operator lowers it while leases are held (holders keep theirs, no new grant
-until the count is below the new capacity), nor when it moves between 1 and
-more than 1 (and so between the two recipes). A Semaphore refuses a
-``max_leases`` different from the one stored on its node (``ValueError``); the
-backend stores the new capacity, under the Semaphore's own lock, and retries.
+A grant takes its node through the recipe and then checks, with reads sent
+after the create, what the recipe itself cannot see; if the check fails it
+deletes its node again and tries anew (for up to ``guard_timeout``):
+
+* a Lock grant: the Semaphore has no lease, and none was created or deleted
+  since our node (the Semaphore's ``pzxid`` is not above our ``czxid``);
+* a Semaphore grant: its leases, plus one if the Lock has any node (holder or
+  contender), are within the capacity; no lease younger than ours exists or
+  existed (``pzxid``); no other lease has our slot, nor the Lock slot 0.
+
+Why this is safe: a client's read after its own write sees every write with a
+lower zxid (servers apply writes in zxid order), so of two grants of a name the
+one created second sees the first for as long as it lives. Every grant has
+counted every holder older than itself and is counted by every younger one:
+the holders never exceed the capacity a grant was made with, also while it is
+lowered or moves between 1 and more (both recipes are counted). A younger Lock
+node is never granted while ours lives (we are its predecessor, or it sees our
+lease), and a grant that sees a younger Semaphore lease backs off, so each
+token is above those of all grants before it, and no two live leases share a
+slot. Under a race both sides may back off; a full lock answers None at once.
+
+To save round trips, the slot is picked from this process's copy of the
+Semaphore's lease list (the slot is in each node's name, ``<uuid>-slot<n>``;
+our own grants and releases keep the copy current), and the check reads only
+the Semaphore node and the Lock's stat: if the Semaphore's ``cversion`` moved
+by exactly our create since the copy, nobody else came or went, so the copy is
+true and our node is the youngest (its ``czxid`` is the ``pzxid``). Otherwise
+the check lists the leases as well. A copy that shows the lock full is re-read
+before answering None.
+
+A Semaphore refuses a ``max_leases`` different from the one stored on its node
+(``ValueError``); the backend stores the new capacity, under the Semaphore's
+own lock, and retries. Once a name's stored value matched, the recipe's own
+check is skipped (``assured_path``) and the stored value is re-read with the
+check instead: a change by another process makes the next grant store its own
+again. The capacity itself is always enforced by the check above.
 
 A holder that dies frees its slot when ZooKeeper expires its session: after
 the ``timeout`` option, rounded up to the server's next tick (``tickTime``, 2 s
@@ -31,9 +59,9 @@ computed from ours. ``renew`` does not write: the client's session heartbeat
 keeps the nodes; ``renew`` checks that the node still exists in this session
 and pushes ``expires_at`` one TTL ahead.
 
-Foreign kazoo clients see the same recipes, but they do not take ``guard``:
-one that acquires the Semaphore directly is only counted against other
-Semaphore holders, not against a capacity-1 ``Lock`` holder.
+Foreign kazoo clients see the same recipes, but they do not run the check: one
+that acquires the Semaphore directly is only counted against other Semaphore
+holders, not against a capacity-1 ``Lock`` holder.
 
 Error handling
 ==============
@@ -58,14 +86,20 @@ operation are swept for nodes of this session that no lease accounts for as
 soon as the connection is back. Every kazoo error (and the recipes'
 ``ValueError``) becomes ``LockError``, chained with ``from``.
 """
-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import itertools
 import json
 import logging
 import os
+import random
+import re
 import threading
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +125,35 @@ logger = logging.getLogger(__name__)
 
 #: What kazoo can raise from a call; the timeout is the connection's.
 CLIENT_ERRORS = (KazooException, KazooTimeoutError)
+
+#: Our Semaphore lease nodes are named ``<uuid>-slot<n>``.
+_SLOT_NAME = re.compile(r"-slot(\d+)$")
+
+
+class _Raced(enum.Enum):
+    """A grant that backed off from a concurrent one: try again."""
+
+    RACED = "raced"
+
+
+_RACED = _Raced.RACED
+
+
+def _decode(raw: bytes | None) -> dict[str, Any]:
+    """A lease node's data: our JSON, or a foreign identifier as ``hostname``."""
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw else {}
+    except ValueError:
+        return {"hostname": (raw or b"").decode("utf-8", "replace")}
+    return data if isinstance(data, dict) else {}
+
+
+def _max_leases(raw: bytes | None) -> int | None:
+    """The Semaphore node's stored ``max_leases`` (None: not a number, as kazoo reads it)."""
+    try:
+        return int((raw or b"").decode("utf-8"))
+    except ValueError:
+        return None
 
 
 class _FailFastClient(KazooClient):
@@ -119,6 +182,34 @@ class _Handle:
 
 
 @dataclass
+class _View:
+    """This process's copy of a Semaphore's lease list, true as of ``cversion``.
+
+    Our own grants and releases keep it up to date; a grant trusts it only if
+    the Semaphore's ``cversion`` shows that nothing else changed since.
+    """
+
+    czxid: int  # of the Semaphore node: a new node starts its cversion over
+    cversion: int
+    slots: dict[str, int | None]  # lease node name -> slot (None: a foreign lease)
+    lock_held: bool  # the Lock had a node
+
+    @property
+    def count(self) -> int:
+        return len(self.slots) + self.lock_held
+
+    def free_slot(self, capacity: int) -> int:
+        """The lowest slot that no lease has, below the capacity (which has room)."""
+        taken = {slot for slot in self.slots.values() if slot is not None}
+        free = (slot for slot in itertools.count() if slot not in taken)
+        # Leases without a slot of ours (foreign ones, the Lock's) are listed
+        # on the lowest free slots: leave those to them.
+        unplaced = self.lock_held + sum(slot is None for slot in self.slots.values())
+        taken.update(next(free) for _ in range(unplaced))
+        return min(set(range(capacity)) - taken)
+
+
+@dataclass
 class _Node:
     path: str
     stat: ZnodeStat
@@ -132,7 +223,8 @@ class ZooKeeperBackend(LockBackend):
     OPTIONS: ``hosts`` (required, kazoo's ``host:port,...`` string),
     ``root`` (default ``/celery-adv/locks``), ``timeout`` (session timeout in
     seconds, default 10), ``connect_timeout`` (default 3), ``guard_timeout``
-    (longest wait behind another grant of the same name, default 2).
+    (longest wait behind another grant of the same name, and for a grant that
+    keeps losing races, default 2).
     """
 
     required_options = ("hosts",)
@@ -156,6 +248,11 @@ class ZooKeeperBackend(LockBackend):
         self._held_lock = threading.Lock()
         self._held: dict[str, Lease] = {}
         self._dirty: set[str] = set()
+        # Lock paths known to exist, and Semaphore paths whose stored
+        # max_leases matched: the recipes' reads of them are skipped.
+        self._ensured: set[str] = set()
+        self._max_leases: dict[str, int] = {}
+        self._views: dict[str, _View] = {}  # by Semaphore path, under _held_lock
 
     # -- client --------------------------------------------------------------
 
@@ -247,9 +344,6 @@ class ZooKeeperBackend(LockBackend):
             node = node.replace(".", "%2E")
         return f"{self.root}/{node}"
 
-    def _guard_path(self, name: str) -> str:
-        return self._base(name) + "/guard"
-
     def _semaphore_path(self, name: str) -> str:
         return self._base(name) + "/semaphore"
 
@@ -287,53 +381,185 @@ class ZooKeeperBackend(LockBackend):
         if capacity <= 0:
             return None
         client = self._client()
+        grant = self._grant_lock if capacity == 1 else self._grant_semaphore
         with self._name_lock(name) as got:
             if not got:
                 return None
-            guard = Lock(client, self._guard_path(name), json.dumps(holder.as_dict()))
+            deadline = time.monotonic() + self.guard_timeout
             try:
-                if not guard.acquire(timeout=self.guard_timeout):
-                    return None
-            except LockTimeout:
-                return None  # another grant of this name is in progress: busy
-            except CLIENT_ERRORS as e:
-                raise self._error(name, e) from e
-            try:
-                return self._grant(client, name, capacity, holder, ttl)
+                for attempt in itertools.count(1):
+                    outcome = grant(client, name, capacity, holder, ttl)
+                    if outcome is not _RACED:
+                        return outcome
+                    if time.monotonic() >= deadline:
+                        return None  # lost every race: busy
+                    time.sleep(random.uniform(0, 0.001 * min(attempt, 10)))
             except (*CLIENT_ERRORS, ValueError) as e:
                 raise self._error(name, e) from e
-            finally:
-                try:
-                    guard.release()
-                except CLIENT_ERRORS as e:
-                    self._error(name, e)  # swept on reconnection; session expiry frees it anyway
+        raise AssertionError("unreachable")
 
-    def _grant(self, client: KazooClient, name: str, capacity: int, holder: Holder,
-               ttl: float) -> Lease | None:
-        current = self._read_leases(client, name)
-        if len(current) >= capacity:
-            return None
-        slot = min(set(range(capacity)) - {node.slot for node in current})
-        identifier = json.dumps({**holder.as_dict(), "slot": slot, "ttl": ttl})
-        recipe: Lock | Semaphore
-        if capacity == 1:
-            recipe = Lock(client, self._lock_path(name), identifier)
+    def _grant_lock(self, client: KazooClient, name: str, capacity: int, holder: Holder,
+                    ttl: float) -> Lease | _Raced | None:
+        path = self._lock_path(name)
+        recipe = Lock(client, path, self._identifier(holder, 0, ttl))
+        recipe.assured_path = path in self._ensured
+        try:
             gotten = recipe.acquire(blocking=False)
-            path = f"{recipe.path}/{recipe.node}" if gotten else ""
-        else:
-            recipe, gotten = self._acquire_semaphore(client, name, identifier, capacity)
-            path = recipe.create_path
+        except NoNodeError:
+            if not recipe.assured_path:
+                raise
+            self._ensured.discard(path)  # deleted under us: create it again
+            return _RACED
+        self._ensured.add(path)
         if not gotten:
-            if not client.connected:
-                raise ConnectionClosedError("connection lost during acquire")
-            return None
-        stat = client.exists(path)
-        session = client.client_id
-        if stat is None or session is None:
+            self._not_gotten(client)
+            return None  # held
+        own = f"{path}/{recipe.node}"
+        stat, semaphore = self._gather(client.exists_async(own),
+                                       client.exists_async(self._semaphore_path(name)))
+        stat = self._own_stat(client, stat)
+        if semaphore is not None:
+            if semaphore.numChildren:
+                recipe.release()  # Semaphore leases held: the capacity (1) is taken
+                return None
+            if semaphore.pzxid > stat.czxid:
+                recipe.release()  # a younger Semaphore lease may have been granted
+                return _RACED
+        return self._granted(client, name, 0, holder, ttl, recipe, own, stat.czxid)
+
+    def _grant_semaphore(self, client: KazooClient, name: str, capacity: int, holder: Holder,
+                         ttl: float) -> Lease | _Raced | None:
+        path, lock_path = self._semaphore_path(name), self._lock_path(name)
+        with self._held_lock:
+            view = self._views.get(path)
+            view = view and dataclasses.replace(view, slots=dict(view.slots))
+        if view is None or view.count >= capacity:
+            # Unknown, or full when last seen: list the leases (one round trip).
+            view = self._list(client, path, lock_path)
+            if view.count >= capacity:
+                return None
+        slot = view.free_slot(capacity)
+
+        identifier = self._identifier(holder, slot, ttl)
+        node = f"{uuid.uuid4().hex}-slot{slot}"
+        semaphore, gotten, check_stored = self._acquire_semaphore(
+            client, path, identifier, capacity, node)
+        if not gotten:
+            # There was room: the Semaphore's lock was busy, or leases were
+            # granted since.
+            self._forget_view(path)
+            self._not_gotten(client)
+            return _RACED
+        own = semaphore.create_path
+        stored, lock_stat = self._gather(client.get_async(path), client.exists_async(lock_path))
+        if stored is None:
+            raise ConnectionClosedError("semaphore node vanished right after a grant")
+        data, parent = stored
+        lock_held = bool(lock_stat and lock_stat.numChildren)
+        if parent.numChildren + lock_held > capacity:
+            # Granted since the view, or a Lock grant racing ours: the next
+            # attempt lists the leases and answers "busy" if they are real.
+            return self._back_off(semaphore, path)
+        if parent.czxid == view.czxid and parent.cversion == view.cversion + 1:
+            # Nothing but our create since the view: our node is the youngest
+            # (its czxid is the pzxid) and the view's slots are the truth.
+            token = parent.pzxid
+            slots = {**view.slots, node: slot}
+        else:
+            # Others came or went meanwhile: look at them (one more round trip).
+            stat, listing = self._gather(client.exists_async(own),
+                                         client.get_children_async(path, include_data=True))
+            stat = self._own_stat(client, stat if listing is not None else None)
+            children, parent = listing
+            if parent.pzxid > stat.czxid:
+                return self._back_off(semaphore, path)  # a younger lease
+            slots = self._slots(client, path, children)
+            slots[node] = slot
+            if any(s == slot for child, s in slots.items() if child != node):
+                return self._back_off(semaphore, path)  # picked from a stale list
+            token = stat.czxid
+        if lock_held and slot == 0:
+            return self._back_off(semaphore, path)  # the Lock's slot
+        if check_stored and _max_leases(data) not in (None, capacity):
+            self._max_leases.pop(path, None)  # changed elsewhere: the next grant stores ours
+        with self._held_lock:
+            self._views[path] = _View(czxid=parent.czxid, cversion=parent.cversion,
+                                      slots=slots, lock_held=lock_held)
+        return self._granted(client, name, slot, holder, ttl, semaphore, own, token)
+
+    def _list(self, client: KazooClient, path: str, lock_path: str) -> _View:
+        """The Semaphore's leases and their slots, and whether the Lock has a node."""
+        listing, lock_stat = self._gather(client.get_children_async(path, include_data=True),
+                                          client.exists_async(lock_path))
+        children, stat = listing or ([], None)
+        view = _View(czxid=stat.czxid if stat else 0, cversion=stat.cversion if stat else -1,
+                     slots=self._slots(client, path, children),
+                     lock_held=bool(lock_stat and lock_stat.numChildren))
+        with self._held_lock:
+            self._views[path] = view
+        return dataclasses.replace(view, slots=dict(view.slots))
+
+    def _forget_view(self, path: str) -> None:
+        with self._held_lock:
+            self._views.pop(path, None)
+
+    def _back_off(self, semaphore: Semaphore, path: str) -> _Raced:
+        """Give our lease node back: the caller tries again."""
+        self._forget_view(path)
+        semaphore.release()
+        return _RACED
+
+    @staticmethod
+    def _identifier(holder: Holder, slot: int, ttl: float) -> str:
+        return json.dumps({**holder.as_dict(), "slot": slot, "ttl": ttl})
+
+    @staticmethod
+    def _gather(*requests: Any) -> list[Any]:
+        """Results of requests sent together (one round trip); None for a missing node."""
+        results = []
+        for request in requests:
+            try:
+                results.append(request.get())
+            except NoNodeError:
+                results.append(None)
+        return results
+
+    @staticmethod
+    def _not_gotten(client: KazooClient) -> None:
+        if not client.connected:
+            raise ConnectionClosedError("connection lost during acquire")
+
+    @staticmethod
+    def _own_stat(client: KazooClient, stat: ZnodeStat | None) -> ZnodeStat:
+        if stat is None or client.client_id is None:
             raise ConnectionClosedError("lease node vanished right after its creation")
+        return stat
+
+    def _slots(self, client: KazooClient, path: str, children: list[str]) -> dict[str, int | None]:
+        """Each lease's slot: from its node name, else from its data (None: no slot)."""
+        slots: dict[str, int | None] = {}
+        unnamed = []
+        for child in children:
+            match = _SLOT_NAME.search(child)
+            if match:
+                slots[child] = int(match.group(1))
+            else:
+                unnamed.append(child)
+        if unnamed:  # a foreign client's lease
+            results = self._gather(*(client.get_async(f"{path}/{child}") for child in unnamed))
+            for child, result in zip(unnamed, results, strict=True):
+                slot = _decode(result[0]).get("slot") if result is not None else None
+                slots[child] = slot if isinstance(slot, int) and slot >= 0 else None
+        return slots
+
+    def _granted(self, client: KazooClient, name: str, slot: int, holder: Holder, ttl: float,
+                 recipe: Lock | Semaphore, path: str, token: int) -> Lease:
+        session = client.client_id
+        if session is None:
+            raise ConnectionClosedError("connection lost during acquire")
         now = utcnow()
         lease = Lease(
-            name=name, slot=slot, token=stat.czxid, holder=holder, acquired_at=now,
+            name=name, slot=slot, token=token, holder=holder, acquired_at=now,
             expires_at=now + timedelta(seconds=ttl), ttl=ttl, backend=self.alias,
             handle=_Handle(recipe=recipe, path=path, session_id=session[0]),
         )
@@ -341,30 +567,42 @@ class ZooKeeperBackend(LockBackend):
             self._held[path] = lease
         return lease
 
-    def _acquire_semaphore(self, client: KazooClient, name: str, identifier: str,
-                           capacity: int) -> tuple[Semaphore, bool]:
-        path = self._semaphore_path(name)
+    def _acquire_semaphore(self, client: KazooClient, path: str, identifier: str,
+                           capacity: int, node: str) -> tuple[Semaphore, bool, bool]:
+        """The recipe's acquire: (semaphore, gotten, stored max_leases left unchecked)."""
         for attempt in range(2):
+            # The stored max_leases matched already: skip the recipe's reads of it.
+            assured = self._max_leases.get(path) == capacity
             semaphore = Semaphore(client, path, identifier, max_leases=capacity)
+            semaphore.create_path = f"{path}/{node}"  # the slot in the name: listed without reads
+            semaphore.assured_path = assured
             try:
-                return semaphore, semaphore.acquire(blocking=False)
+                gotten = semaphore.acquire(blocking=False)
+            except NoNodeError:
+                if not assured or attempt:
+                    raise
+                self._max_leases.pop(path, None)  # deleted under us: create it again
+                continue
             except ValueError:
                 if attempt:
                     raise
                 try:
                     self._store_max_leases(client, semaphore, capacity)
                 except LockTimeout:
-                    return semaphore, False  # a foreign client is acquiring: busy
+                    return semaphore, False, False  # a foreign client is acquiring: busy
+                continue
             finally:
                 # Each Semaphore adds a session listener that only a LOST
                 # state removes: without this the client collects one per grant.
                 client.remove_listener(semaphore._watch_session)
+            self._max_leases[path] = capacity
+            return semaphore, gotten, assured
         raise AssertionError("unreachable")
 
     def _store_max_leases(self, client: KazooClient, semaphore: Semaphore,
                           capacity: int) -> None:
-        # The capacity changed (an admin edit). Counting is done by us under
-        # guard, so the stored number only has to agree with the new one; the
+        # The capacity changed (an admin edit). Counting is done by our check,
+        # so the stored number only has to agree with the new one; the
         # Semaphore's own lock keeps foreign clients from acquiring meanwhile.
         lock = Lock(client, semaphore.lock_path)
         if not lock.acquire(timeout=self.guard_timeout):
@@ -412,12 +650,7 @@ class ZooKeeperBackend(LockBackend):
                 raw, stat = client.get(f"{path}/{child}")
             except NoNodeError:
                 continue  # released while we listed
-            try:
-                data = json.loads(raw.decode("utf-8")) if raw else {}
-            except ValueError:
-                data = {"hostname": raw.decode("utf-8", "replace")}  # a foreign identifier
-            nodes.append(_Node(path=f"{path}/{child}", stat=stat,
-                               data=data if isinstance(data, dict) else {}))
+            nodes.append(_Node(path=f"{path}/{child}", stat=stat, data=_decode(raw)))
         return nodes
 
     def release(self, lease: Lease) -> None:
@@ -429,14 +662,20 @@ class ZooKeeperBackend(LockBackend):
         if lease.lost:
             return  # its node went with the session, or renew already removed it
         client = self._client()
+        parent, _, child = handle.path.rpartition("/")
         try:
             # The node's name is unique to this grant: this cannot free a slot
             # that someone else holds now.
             client.retry(client.delete, handle.path)
         except NoNodeError:
-            pass
+            return  # deleted by someone else: the view no longer matches anyway
         except CLIENT_ERRORS as e:
+            self._forget_view(parent)
             raise self._error(lease.name, e) from e
+        with self._held_lock:
+            view = self._views.get(parent)
+            if view is not None and view.slots.pop(child, False) is not False:
+                view.cversion += 1  # our delete, the only change it missed
 
     def renew(self, lease: Lease) -> bool:
         handle = lease.handle
@@ -499,7 +738,7 @@ class ZooKeeperBackend(LockBackend):
         """Delete nodes of this session that no lease accounts for.
 
         Left by a request cut off by a connection loss; they would hold a slot
-        (or the guard) for as long as this session lives.
+        (or the Semaphore's lock) for as long as this session lives.
         """
         session = client.client_id
         if session is None:
@@ -517,8 +756,7 @@ class ZooKeeperBackend(LockBackend):
     def _sweep_name(self, client: KazooClient, name: str, session_id: int) -> bool:
         base = self._base(name)
         try:
-            for path in (f"{base}/guard", f"{base}/semaphore", f"{base}/semaphore-__lock__",
-                         f"{base}/lock"):
+            for path in (f"{base}/semaphore", f"{base}/semaphore-__lock__", f"{base}/lock"):
                 for node in self._children(client, path):
                     with self._held_lock:
                         held = node.path in self._held
