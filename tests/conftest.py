@@ -14,7 +14,15 @@ from tests.workers import WorkerProcess
 SERVICES = {
     "Redis": (settings.REDIS_URL, "apt-get install redis-server, or run scripts/test.sh"),
     "RabbitMQ": (settings.AMQP_URL, "apt-get install rabbitmq-server, or run scripts/test.sh"),
+    "ZooKeeper": (f"zk://{settings.ZOOKEEPER_HOSTS.split(',')[0]}",
+                  "apt-get install zookeeper, or run scripts/test.sh"),
+    "etcd": (f"http://{settings.ETCD_HOST}:{settings.ETCD_PORT}",
+             "apt-get install etcd-server, or run scripts/test.sh"),
 }
+if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    _db = settings.DATABASES["default"]
+    SERVICES["PostgreSQL"] = (f"postgresql://{_db['HOST']}:{_db['PORT']}",
+                              "apt-get install postgresql, or run scripts/test.sh")
 
 
 def _listening(url: str) -> bool:

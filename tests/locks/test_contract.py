@@ -6,6 +6,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from django.db import connections
+
 from django_celery_adv.locks.backends.base import Holder, Lease
 
 TTL = 30
@@ -148,6 +150,8 @@ def test_concurrent_acquirers_never_exceed_capacity(backend, lock_name):
                 done += 1
         except BaseException as e:
             errors.append(e)
+        finally:
+            connections.close_all()  # this thread's own database connection
 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for thread in workers:

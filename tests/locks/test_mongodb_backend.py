@@ -29,6 +29,7 @@ from django_celery_adv.exceptions import InvalidLockBackendError, LockError
 from django_celery_adv.locks.backends import mongodb
 from django_celery_adv.locks.backends.base import Holder, Lease
 from django_celery_adv.locks.backends.mongodb import GC_AFTER_SECONDS, MongoDBBackend
+from django_celery_adv.masking import mask_url
 
 TTL = 30
 MODE = "mongod" if settings.MONGODB_URL else "mongomock"
@@ -57,7 +58,7 @@ def _serialized(method: Callable[..., Any], server: threading.RLock,
 @pytest.fixture(params=[MODE], ids=[MODE])
 def options(request, capsys) -> Iterator[dict[str, str]]:
     """OPTIONS of a backend on this test's own collection, in the mode of the run."""
-    text = (f"MongoDB lock backend: mongod at {mongodb.mask_password(settings.MONGODB_URL)}"
+    text = (f"MongoDB lock backend: mongod at {mask_url(settings.MONGODB_URL)}"
             if MODE == "mongod" else
             "MongoDB lock backend: mongomock (set MONGODB_URL to test a real mongod)")
     if not _announced:

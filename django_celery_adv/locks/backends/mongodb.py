@@ -70,13 +70,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pymongo import ASCENDING, MongoClient, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ...exceptions import InvalidLockBackendError, LockError
+from ...masking import mask_url
 from .base import Holder, Lease, LockBackend, utcnow
 
 DEFAULT_DATABASE = "celery_adv"
@@ -93,20 +94,6 @@ GRANTING = 0
 T = TypeVar("T")
 
 
-def mask_password(url: str) -> str:
-    """``url`` with any password (in the userinfo or a query) replaced by ``****``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:****@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urlencode([(key, "****" if key.lower() == "password" else value)
-                               for key, value in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _now() -> datetime:
@@ -249,7 +236,7 @@ class MongoDBBackend(LockBackend):
             conn.client.close()
 
     def describe(self) -> str:
-        return f"mongodb {mask_password(self.url)} {self.database}.{self.collection}"
+        return f"mongodb {mask_url(self.url)} {self.database}.{self.collection}"
 
     # -- helpers ---------------------------------------------------------------
 
@@ -300,7 +287,7 @@ class MongoDBBackend(LockBackend):
             return operation(self._connection())
         except PyMongoError as e:
             raise LockError(f"mongodb lock backend {self.alias!r} "
-                            f"({mask_password(self.url)}): {e}") from e
+                            f"({mask_url(self.url)}): {e}") from e
 
     def _lease(self, doc: Mapping[str, Any]) -> Lease:
         return Lease(

@@ -51,7 +51,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -59,6 +58,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from ...exceptions import InvalidLockBackendError, LockError
+from ...masking import mask_url
 from .base import Holder, Lease, LockBackend, from_timestamp
 
 DEFAULT_PREFIX = "celery-adv:lock:"
@@ -164,20 +164,6 @@ return live
 """
 
 
-def mask_password(url: str) -> str:
-    """``url`` with any password (in the userinfo or a query) replaced by ``****``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:****@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urlencode([(key, "****" if key.lower() == "password" else value)
-                               for key, value in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True)
@@ -267,7 +253,7 @@ class RedisBackend(LockBackend):
             conn.client.close()
 
     def describe(self) -> str:
-        return f"redis {mask_password(self.url)} prefix {self.prefix!r}"
+        return f"redis {mask_url(self.url)} prefix {self.prefix!r}"
 
     # -- helpers ---------------------------------------------------------------
 
@@ -317,7 +303,7 @@ class RedisBackend(LockBackend):
             return script(keys=keys, args=args)
         except redis.RedisError as e:
             raise LockError(f"redis lock backend {self.alias!r} "
-                            f"({mask_password(self.url)}): {e}") from e
+                            f"({mask_url(self.url)}): {e}") from e
 
     def _parse(self, name: str, slot: int, record: str) -> Lease:
         token, acquired_ms, expires_ms, ttl_ms, holder = record.split(":", 4)
