@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from django.db import close_old_connections, connections
+
 from ..exceptions import LockError, LockUnavailable
 from .backends import lock_backends
 from .backends.base import Holder, Lease
@@ -83,12 +85,18 @@ class Heartbeat:
                 now = time.monotonic()
                 due = [lease for at, lease in self._due.values() if at <= now]
                 if not due:
+                    if not self._due:
+                        # Idle: drop this thread's database connection (the
+                        # database backend renews through it) rather than keep
+                        # it open, unused, for the life of the process.
+                        connections.close_all()
                     self._wake_at = min((at for at, _ in self._due.values()), default=now + 60)
                     self._wakeup.wait(self._wake_at - now)
                     self._wake_at = float("-inf")  # awake: every add may need a look
                     continue
                 for lease in due:  # renewed below; rescheduled only if still held
                     self._due[id(lease)] = (now + _interval(lease), lease)
+            close_old_connections()  # as Django does per request: drop dead ones
             for lease in due:
                 if not self._renew(lease):
                     self.discard(lease)
