@@ -58,6 +58,8 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_project.settings")
     from django.conf import settings
 
+    from django_celery_adv.masking import mask_url
+
     log_dir = Path(settings.VAR_DIR) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     manage("migrate", "--noinput", "-v", "0")
@@ -81,8 +83,8 @@ def main() -> int:
     print(f"""
 django-celery-adv demo is starting (logs in {log_dir})
   admin:     http://{HOST}:{PORT}/admin/   user {ADMIN_USER!r}  password {password!r}
-  brokers:   default -> {settings.CELERY_ADV['APPS']['default']['broker_url']}
-             global  -> {settings.CELERY_ADV['APPS']['global']['broker_url']}
+  brokers:   default -> {mask_url(settings.CELERY_ADV['APPS']['default']['broker_url'])}
+             global  -> {mask_url(settings.CELERY_ADV['APPS']['global']['broker_url'])}
   send demo tasks:  .venv/bin/python manage.py send_demo_tasks
   Ctrl-C stops everything.
 """, flush=True)
