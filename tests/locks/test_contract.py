@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC, datetime
 
-from django.db import connections
-
 from django_celery_adv.locks.backends.base import Holder, Lease
+from tests.locks.contention import contend
 
 TTL = 30
 
@@ -127,39 +125,9 @@ def test_expired_lease_is_reclaimed_and_reported_lost(ttl_backend, lock_name):
 
 def test_concurrent_acquirers_never_exceed_capacity(backend, lock_name):
     capacity, threads, rounds = 2, 8, 15
-    state = {"now": 0, "max": 0, "grants": 0}
-    guard = threading.Lock()
-    errors: list[BaseException] = []
+    seen = contend(backend, lock_name, capacity, threads=threads, rounds=rounds)
 
-    def work(index: int) -> None:
-        try:
-            done = 0
-            while done < rounds:
-                lease = backend.acquire(lock_name, capacity, holder(f"w{index}"), TTL)
-                if lease is None:
-                    time.sleep(0.002)
-                    continue
-                with guard:
-                    state["now"] += 1
-                    state["grants"] += 1
-                    state["max"] = max(state["max"], state["now"])
-                time.sleep(0.001)
-                with guard:
-                    state["now"] -= 1
-                backend.release(lease)
-                done += 1
-        except BaseException as e:
-            errors.append(e)
-        finally:
-            connections.close_all()  # this thread's own database connection
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(120)
-
-    assert not errors, errors[:3]
-    assert state["grants"] == threads * rounds
-    assert 1 <= state["max"] <= capacity
+    assert not seen.errors, seen.errors[:3]
+    assert seen.grants == threads * rounds
+    assert 1 <= seen.peak <= capacity
     assert backend.holders(lock_name) == []

@@ -12,7 +12,6 @@ import base64
 import multiprocessing
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from etcd3gw.client import Etcd3Client
 from django_celery_adv.exceptions import LockError
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.locks.backends.etcd import EtcdBackend
+from tests.locks.contention import contend
 
 TTL = 30
 
@@ -110,39 +110,11 @@ def test_sixteen_threads_never_exceed_capacity_and_leak_no_lease(backend, raw):
         return lease
 
     client.lease = recording_grant
-    state = {"now": 0, "peak": 0, "grants": 0}
-    counter = threading.Lock()
-    errors: list[BaseException] = []
+    seen = contend(backend, "sixteen", capacity, threads=threads, rounds=rounds, hold=0.01)
 
-    def work(index: int) -> None:
-        try:
-            done = 0
-            while done < rounds:
-                lease = backend.acquire("sixteen", capacity, holder(f"w{index}"), TTL)
-                if lease is None:
-                    time.sleep(0.002)
-                    continue
-                with counter:
-                    state["now"] += 1
-                    state["grants"] += 1
-                    state["peak"] = max(state["peak"], state["now"])
-                time.sleep(0.01)
-                with counter:
-                    state["now"] -= 1
-                backend.release(lease)
-                done += 1
-        except BaseException as e:
-            errors.append(e)
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(120)
-
-    assert not errors, errors[:3]
-    assert state["grants"] == threads * rounds
-    assert 2 <= state["peak"] <= capacity  # shared, never over capacity
+    assert not seen.errors, seen.errors[:3]
+    assert seen.grants == threads * rounds
+    assert 2 <= seen.peak <= capacity  # shared, never over capacity
     assert backend.holders("sixteen") == []
     # Grants that lost a race were revoked too, not left to expire.
     assert len(granted) >= threads * rounds

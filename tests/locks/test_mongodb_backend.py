@@ -30,6 +30,7 @@ from django_celery_adv.locks.backends import mongodb
 from django_celery_adv.locks.backends.base import Holder, Lease
 from django_celery_adv.locks.backends.mongodb import GC_AFTER_SECONDS, MongoDBBackend
 from django_celery_adv.masking import mask_url
+from tests.locks.contention import Contention, contend
 
 TTL = 30
 MODE = "mongod" if settings.MONGODB_URL else "mongomock"
@@ -364,51 +365,20 @@ def test_url_is_required():
 
 
 def _hammer(backend: MongoDBBackend, name: str, capacity: int, threads: int,
-            already_held: int = 0) -> tuple[dict[str, int], list[int]]:
-    state = {"active": already_held, "peak": already_held, "grants": 0, "over": 0}
-    guard = threading.Lock()
-    tokens: list[int] = []
-    errors: list[BaseException] = []
-    deadline = time.monotonic() + 4
-
-    def work(index: int) -> None:
-        try:
-            for _ in range(25):
-                lease = backend.acquire(name, capacity, holder(f"w{index}"), TTL)
-                if lease is None:
-                    time.sleep(0.001)
-                    continue
-                with guard:
-                    state["active"] += 1
-                    state["grants"] += 1
-                    state["over"] += state["active"] > capacity
-                    state["peak"] = max(state["peak"], state["active"])
-                    tokens.append(lease.token)
-                time.sleep(0.001)
-                with guard:
-                    state["active"] -= 1
-                backend.release(lease)
-                if time.monotonic() > deadline:
-                    return
-        except BaseException as e:
-            errors.append(e)
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(60)
-    assert not errors, errors[:3]
-    return state, tokens
+            already_held: int = 0) -> Contention:
+    seen = contend(backend, name, capacity, threads=threads, attempts=25, seconds=4,
+                   idle=0.001, already_held=already_held)
+    assert not seen.errors, seen.errors[:3]
+    return seen
 
 
 def test_sixteen_threads_never_exceed_capacity(backend, name):
-    state, tokens = _hammer(backend, name, capacity=3, threads=16)
+    seen = _hammer(backend, name, capacity=3, threads=16)
 
-    assert state["over"] == 0 and state["peak"] <= 3
-    assert state["peak"] >= 2  # the threads did contend
-    assert state["grants"] > 16
-    assert len(set(tokens)) == len(tokens)
+    assert seen.over == 0 and seen.peak <= 3
+    assert seen.peak >= 2  # the threads did contend
+    assert seen.grants > 16
+    assert len(set(seen.tokens)) == len(seen.tokens)
     assert backend.holders(name) == []
 
 
@@ -417,8 +387,8 @@ def test_sixteen_threads_respect_a_lowered_capacity(backend, name):
     backend.release(held[0])
     backend.release(held[1])  # slot 2 stays held above the new capacity 2
 
-    state, _ = _hammer(backend, name, capacity=2, threads=16, already_held=1)
+    seen = _hammer(backend, name, capacity=2, threads=16, already_held=1)
 
-    assert state["over"] == 0 and state["peak"] == 2
-    assert state["grants"] > 16
+    assert seen.over == 0 and seen.peak == 2
+    assert seen.grants > 16
     assert [h.slot for h in backend.holders(name)] == [2]

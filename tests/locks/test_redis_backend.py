@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from django.conf import settings
 from django_celery_adv.exceptions import InvalidLockBackendError, LockError
 from django_celery_adv.locks.backends.base import Holder, Lease
 from django_celery_adv.locks.backends.redis import IDLE_MS, RedisBackend
+from tests.locks.contention import contend
 
 TTL = 30
 
@@ -265,45 +265,15 @@ def test_client_is_created_lazily_and_once_per_process(backend, name):
 
 
 def test_sixteen_threads_never_exceed_capacity(backend, name):
-    capacity, threads, deadline = 3, 16, time.monotonic() + 3
-    state = {"active": 0, "peak": 0, "grants": 0, "over": 0}
-    guard = threading.Lock()
-    tokens: list[int] = []
-    errors: list[BaseException] = []
+    capacity, threads = 3, 16
+    seen = contend(backend, name, capacity, threads=threads, attempts=40, seconds=3,
+                   idle=0.001)
 
-    def work(index: int) -> None:
-        try:
-            for _ in range(40):
-                lease = backend.acquire(name, capacity, holder(f"w{index}"), TTL)
-                if lease is None:
-                    time.sleep(0.001)
-                    continue
-                with guard:
-                    state["active"] += 1
-                    state["grants"] += 1
-                    state["over"] += state["active"] > capacity
-                    state["peak"] = max(state["peak"], state["active"])
-                    tokens.append(lease.token)
-                time.sleep(0.001)
-                with guard:
-                    state["active"] -= 1
-                backend.release(lease)
-                if time.monotonic() > deadline:
-                    return
-        except BaseException as e:
-            errors.append(e)
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(60)
-
-    assert not errors, errors[:3]
-    assert state["over"] == 0 and state["peak"] <= capacity
-    assert state["peak"] >= 2  # the threads did contend
-    assert state["grants"] > threads
-    assert len(set(tokens)) == len(tokens)  # every grant had its own token
+    assert not seen.errors, seen.errors[:3]
+    assert seen.over == 0 and seen.peak <= capacity
+    assert seen.peak >= 2  # the threads did contend
+    assert seen.grants > threads
+    assert len(set(seen.tokens)) == len(seen.tokens)  # every grant had its own token
     assert backend.holders(name) == []
 
 

@@ -30,6 +30,7 @@ from django_celery_adv.exceptions import LockError
 from django_celery_adv.locks.backends import zookeeper
 from django_celery_adv.locks.backends.base import Holder, Lease
 from django_celery_adv.locks.backends.zookeeper import ZooKeeperBackend
+from tests.locks.contention import contend
 
 #: The server's minimum (2 ticks of 2 s): keeps the crash tests short.
 SESSION_TIMEOUT = 4.0
@@ -106,39 +107,11 @@ def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.05
 
 def test_sixteen_threads_never_exceed_capacity(backend):
     capacity, threads, rounds = 3, 16, 8
-    state = {"now": 0, "peak": 0, "grants": 0}
-    counter = threading.Lock()
-    errors: list[BaseException] = []
+    seen = contend(backend, "sixteen", capacity, threads=threads, rounds=rounds, hold=0.03)
 
-    def work(index: int) -> None:
-        try:
-            done = 0
-            while done < rounds:
-                lease = backend.acquire("sixteen", capacity, holder(f"w{index}"), TTL)
-                if lease is None:
-                    time.sleep(0.002)
-                    continue
-                with counter:
-                    state["now"] += 1
-                    state["grants"] += 1
-                    state["peak"] = max(state["peak"], state["now"])
-                time.sleep(0.03)
-                with counter:
-                    state["now"] -= 1
-                backend.release(lease)
-                done += 1
-        except BaseException as e:
-            errors.append(e)
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(120)
-
-    assert not errors, errors[:3]
-    assert state["grants"] == threads * rounds
-    assert 2 <= state["peak"] <= capacity  # shared, never over capacity
+    assert not seen.errors, seen.errors[:3]
+    assert seen.grants == threads * rounds
+    assert 2 <= seen.peak <= capacity  # shared, never over capacity
     assert backend.holders("sixteen") == []
 
 
