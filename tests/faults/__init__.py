@@ -1,0 +1,1 @@
+"""Fault injection for the tests: our own server instances, a TCP proxy, a moved clock."""
