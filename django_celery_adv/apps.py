@@ -16,6 +16,7 @@ class CeleryAdvConfig(AppConfig):
             failures,
             logconfig,
         )
+        from .locks.definitions import connect_signals
         from .registry import install_default_app
 
         install_default_app()
@@ -23,3 +24,4 @@ class CeleryAdvConfig(AppConfig):
         # boots, and task_failure from the first task on.
         logconfig.connect()
         failures.connect()
+        connect_signals()

@@ -7,7 +7,7 @@ import re
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
-from django.db import models
+from django.db import IntegrityError, models
 
 #: Safe as a Redis key part, a ZooKeeper node, an etcd key and a MongoDB value.
 LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -70,7 +70,7 @@ class LockDefinition(models.Model):
 
     A name used in code with no row gets one created with the code's defaults,
     so the admin lists every lock in use. Running workers pick up edits within
-    ``definitions.REFRESH_SECONDS`` without a restart.
+    ``definitions.CHECK_SECONDS`` without a restart (see ``LockDefinitionChange``).
     """
 
     class OnBusy(models.TextChoices):
@@ -114,6 +114,32 @@ class LockDefinition(models.Model):
 
         if self.backend not in conf.lock_backend_settings():
             raise ValidationError({"backend": f"Unknown lock backend {self.backend!r}."})
+
+
+class LockDefinitionChange(models.Model):
+    """One row whose ``version`` grows whenever a ``LockDefinition`` is saved or
+    deleted, so long-running processes re-read lock policies only on change."""
+
+    ident = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    version = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "lock definition change tracker"
+
+    def __str__(self) -> str:
+        return f"lock definitions, version {self.version}"
+
+    @classmethod
+    def current_version(cls) -> int:
+        return cls.objects.filter(ident=1).values_list("version", flat=True).first() or 0
+
+    @classmethod
+    def bump(cls) -> None:
+        if not cls.objects.filter(ident=1).update(version=models.F("version") + 1):
+            try:
+                cls.objects.get_or_create(ident=1, defaults={"version": 1})
+            except IntegrityError:  # created meanwhile by another process
+                cls.objects.filter(ident=1).update(version=models.F("version") + 1)
 
 
 class Monitoring(models.Model):

@@ -35,6 +35,7 @@ from celery import _state as celery_state
 from django.apps import apps as django_apps
 
 from . import conf
+from .aliases import AliasRegistry
 from .exceptions import ImproperlyConfiguredApp
 
 # Options a caller may hand to apply_async that belong to one broker
@@ -134,41 +135,20 @@ def build_app(alias: str, settings: Mapping[str, Any]) -> AdvCelery:
     return app
 
 
-class AppRegistry(Mapping[str, AdvCelery]):
+class AppRegistry(AliasRegistry[AdvCelery]):
     """alias -> Celery app, built lazily, one instance per alias per process."""
 
-    def __init__(self, settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        self._settings = settings
-        self._apps: dict[str, AdvCelery] = {}
-        self._lock = threading.Lock()
+    kind = "Celery app"
+    setting_key = "APPS"
 
-    def settings(self) -> Mapping[str, Mapping[str, Any]]:
-        return self._settings if self._settings is not None else conf.app_settings()
+    def configured(self) -> Mapping[str, Mapping[str, Any]]:
+        return conf.app_settings()
 
-    def __getitem__(self, alias: str) -> AdvCelery:
-        try:
-            return self._apps[alias]
-        except KeyError:
-            pass
-        with self._lock:
-            if alias not in self._apps:
-                app_settings = self.settings()
-                if alias not in app_settings:
-                    raise ImproperlyConfiguredApp(
-                        f"No Celery app {alias!r} in CELERY_ADV['APPS'] "
-                        f"(configured: {', '.join(sorted(app_settings)) or 'none'})."
-                    )
-                self._apps[alias] = build_app(alias, app_settings[alias])
-            return self._apps[alias]
+    def create(self, alias: str, params: Mapping[str, Any]) -> AdvCelery:
+        return build_app(alias, params)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.settings())
-
-    def __len__(self) -> int:
-        return len(self.settings())
-
-    def all(self) -> list[AdvCelery]:
-        return [self[alias] for alias in self]
+    def unknown(self, message: str) -> Exception:
+        return ImproperlyConfiguredApp(message)
 
 
 apps = AppRegistry()

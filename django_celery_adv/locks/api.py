@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from django.db import close_old_connections, connections
 
 from ..exceptions import LockError, LockUnavailable
+from ..process import after_fork
 from .backends import lock_backends
 from .backends.base import Holder, Lease
 from .definitions import LockPolicy, policies
@@ -47,28 +48,35 @@ def current_lease() -> Lease | None:
 
 
 class Heartbeat:
-    """One thread per process renewing every held lease about every ttl/3.
+    """One thread per process renewing every lease this process holds, about every ttl/3.
 
     Registering a lease is a dict insert and a notify, so holding a lock costs
-    no thread start. The thread is (re)started lazily, also in a forked child.
-    Renewals run one after another: a lease whose server hangs delays the
-    others by at most that backend's client timeout, far below ttl/3 for the
-    TTLs locks use.
+    no thread start. The thread starts lazily. In a forked child the whole
+    heartbeat starts empty (:func:`~django_celery_adv.process.after_fork`):
+    the parent's leases are the parent's to renew, and the parent's condition
+    lock may have been held by a thread the child does not have.
+
+    The thread survives anything a renewal raises. A renewal that fails is
+    tried again (sooner, as the lease's validity runs out) until the lease's
+    own validity has passed; only then is the lease reported lost. Renewals run
+    one after another: a lease whose server hangs delays the others by at most
+    that backend's client timeout, far below ttl/3 for the TTLs locks use.
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._due: dict[int, tuple[float, Lease]] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self._wake_at = float("inf")
 
     def add(self, lease: Lease) -> None:
         due_at = time.monotonic() + _interval(lease)
         with self._wakeup:
             self._due[id(lease)] = (due_at, lease)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="lock-heartbeat",
                                                 daemon=True)
                 self._thread.start()
@@ -79,40 +87,58 @@ class Heartbeat:
         with self._wakeup:
             self._due.pop(id(lease), None)
 
+    def held(self) -> list[Lease]:
+        """The leases this process is renewing now."""
+        with self._wakeup:
+            return [lease for _, lease in self._due.values()]
+
     def _run(self) -> None:
         while True:
-            with self._wakeup:
-                now = time.monotonic()
-                due = [lease for at, lease in self._due.values() if at <= now]
-                if not due:
-                    if not self._due:
-                        # Idle: drop this thread's database connection (the
-                        # database backend renews through it) rather than keep
-                        # it open, unused, for the life of the process.
-                        connections.close_all()
-                    self._wake_at = min((at for at, _ in self._due.values()), default=now + 60)
-                    self._wakeup.wait(self._wake_at - now)
-                    self._wake_at = float("-inf")  # awake: every add may need a look
-                    continue
-                for lease in due:  # renewed below; rescheduled only if still held
-                    self._due[id(lease)] = (now + _interval(lease), lease)
-            close_old_connections()  # as Django does per request: drop dead ones
-            for lease in due:
-                if not self._renew(lease):
-                    self.discard(lease)
+            try:
+                self._beat()
+            except Exception:  # never let the thread die: held leases depend on it
+                logger.exception("lock heartbeat: unexpected error; continuing")
+                time.sleep(0.1)
 
-    def _renew(self, lease: Lease) -> bool:
-        """True to keep renewing; False once the lease is lost."""
+    def _beat(self) -> None:
+        with self._wakeup:
+            now = time.monotonic()
+            due = [lease for at, lease in self._due.values() if at <= now]
+            if not due:
+                if not self._due:
+                    # Idle: drop this thread's database connection (the
+                    # database backend renews through it) rather than keep
+                    # it open, unused, for the life of the process.
+                    connections.close_all()
+                self._wake_at = min((at for at, _ in self._due.values()), default=now + 60)
+                self._wakeup.wait(self._wake_at - now)
+                self._wake_at = float("-inf")  # awake: every add may need a look
+                return
+            for lease in due:  # renewed below; rescheduled only if still held
+                self._due[id(lease)] = (now + _interval(lease), lease)
+        close_old_connections()  # as Django does per request: drop dead ones
+        for lease in due:
+            self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
         try:
             renewed = lock_backends[lease.backend].renew(lease)
-        except LockError as e:
+        except Exception as e:
             if lease.is_valid():
-                logger.warning("lock %s: renewal failed, will retry: %s", lease.name, e)
-                return True
+                retry_in = max(min(_interval(lease), lease.remaining() / 3), 0.05)
+                logger.warning("lock %s: renewal failed, retrying in %.2f s: %s",
+                               lease.name, retry_in, e)
+                self._reschedule(lease, time.monotonic() + retry_in)
+                return
             renewed = False
         if not renewed and self._holds(lease):  # released meanwhile: not lost
+            self.discard(lease)
             report_lost(lease)
-        return renewed
+
+    def _reschedule(self, lease: Lease, at: float) -> None:
+        with self._wakeup:
+            if self._due.get(id(lease), (0, None))[1] is lease:
+                self._due[id(lease)] = (at, lease)
 
     def _holds(self, lease: Lease) -> bool:
         with self._wakeup:
@@ -124,14 +150,23 @@ def _interval(lease: Lease) -> float:
 
 
 heartbeat = Heartbeat()
+after_fork(heartbeat._reset)
+
+
+def describe_holder(holder: Holder) -> str:
+    """A holder for log lines: its task id, else where it runs."""
+    if holder.task_id:
+        return f"task {holder.task_id}"
+    return f"{holder.hostname} pid {holder.pid}"
 
 
 def report_lost(lease: Lease) -> None:
     """Mark the lease lost once: log at ERROR and call its ``on_lost``."""
     if not lease.mark_lost():
         return
-    logger.error("lock %s: lease lost (slot %s, token %s, holder %s); the holder may no "
-                 "longer be alone", lease.name, lease.slot, lease.token, lease.holder.task_id)
+    logger.error("lock %s: lease lost (slot %s, token %s, held by %s); the holder may no "
+                 "longer be alone", lease.name, lease.slot, lease.token,
+                 describe_holder(lease.holder))
     if lease.on_lost is not None:
         try:
             lease.on_lost(lease)
@@ -152,10 +187,15 @@ def try_acquire(policy: LockPolicy, holder: Holder,
 
 def acquire_waiting(policy: LockPolicy, holder: Holder, wait: float,
                     on_lost: Callable[[Lease], None] | None = None) -> Lease | None:
-    """Poll for a slot for up to ``wait`` seconds, with jittered backoff."""
+    """Poll for a slot for up to ``wait`` seconds, with jittered backoff.
+
+    Each attempt uses the policy as the admin has it now, so raising the
+    capacity (or unpausing) lets a waiting caller in at its next attempt.
+    """
     deadline = time.monotonic() + wait
     delay = POLL_MIN
     while True:
+        policy = policies.current(policy)
         lease = try_acquire(policy, holder, on_lost)
         if lease is not None:
             return lease
@@ -167,7 +207,13 @@ def acquire_waiting(policy: LockPolicy, holder: Holder, wait: float,
 
 
 def release(lease: Lease) -> None:
-    """Stop the heartbeat and give the slot back (a lost lease frees nothing)."""
+    """Stop the heartbeat and give the slot back (a lost lease frees nothing).
+
+    Only the process that was granted the lease gives it back: a forked child
+    unwinding a ``with lock()`` block it inherited leaves the parent's slot alone.
+    """
+    if lease.owner_pid != os.getpid():
+        return
     heartbeat.discard(lease)
     try:
         lock_backends[lease.backend].release(lease)
@@ -211,7 +257,7 @@ def lock(name: str, blocking: bool = False, timeout: float | None = None, *,
             lease = acquire_waiting(policies.get(name, capacity), holder,
                                     min(remaining, 5.0), on_lost)
     if lease is None:
-        raise LockUnavailable(f"lock {name!r}: all {policy.capacity} slot(s) are held")
+        raise LockUnavailable(policies.current(policy).busy_reason())
     with hold(lease):
         yield lease
 

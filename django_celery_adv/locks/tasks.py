@@ -22,10 +22,10 @@ from celery.exceptions import Retry
 
 from ..exceptions import LockError, LockUnavailable
 from ..registry import RoutedTask
-from .api import acquire_waiting, hold, retry_countdown
-from .backends import lock_backends
+from .api import acquire_waiting, describe_holder, hold, retry_countdown
 from .backends.base import Holder
 from .definitions import LockPolicy, policies
+from .operations import holders
 
 logger = logging.getLogger("django_celery_adv.locks")
 
@@ -45,9 +45,14 @@ def run_locked(task: RoutedTask, name: str, capacity: int, body: Callable[[], An
     except LockError as e:
         lease, error = None, e
     if lease is None:
+        policy = policies.current(policy)
         if error is None and policy.on_busy == "drop":
-            logger.info("lock %s busy: dropped %s[%s]; held by task(s) %s", name, task.name,
-                        task.request.id, ", ".join(_holder_ids(policy)) or "unknown")
+            if policy.paused:
+                logger.info("%s: dropped %s[%s]", policy.busy_reason(), task.name,
+                            task.request.id)
+            else:
+                logger.info("%s: dropped %s[%s]; held by %s", policy.busy_reason(), task.name,
+                            task.request.id, ", ".join(_holder_ids(policy)) or "unknown")
             return None
         defer(task, policy, error)
     with hold(lease):
@@ -57,8 +62,7 @@ def run_locked(task: RoutedTask, name: str, capacity: int, body: Callable[[], An
 def defer(task: RoutedTask, policy: LockPolicy, error: LockError | None) -> None:
     """Send the task back to the queue for a later lock attempt (raises ``Retry``)."""
     request = task.request
-    reason = f"lock {policy.name!r} unavailable: {error}" if error else \
-        f"lock {policy.name!r} busy ({policy.capacity} slot(s) held)"
+    reason = f"lock {policy.name!r} unavailable: {error}" if error else policy.busy_reason()
     if request.called_directly:
         raise LockUnavailable(reason) from error
     headers = dict(request.headers or {})
@@ -77,8 +81,8 @@ def defer(task: RoutedTask, policy: LockPolicy, error: LockError | None) -> None
 
 def _holder_ids(policy: LockPolicy) -> list[str]:
     try:
-        return [lease.holder.task_id or "?" for lease in
-                lock_backends[policy.backend].holders(policy.name)]
+        return [describe_holder(lease.holder) for lease in
+                holders(policy.name, backend=policy.backend)]
     except LockError:
         return []
 

@@ -1,19 +1,19 @@
 """Lock backends by alias, built from ``CELERY_ADV["LOCK_BACKENDS"]`` like ``caches``.
 
-One instance per alias per process; instances are dropped in a forked child
-so that every prefork worker process opens its own client connections.
+One instance per alias per process (see :mod:`django_celery_adv.aliases`); a
+backend keeps its client connections in a ``PerProcess``, so every prefork
+worker process opens its own.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from django.utils.module_loading import import_string
 
 from ... import conf
+from ...aliases import AliasRegistry
 from ...exceptions import InvalidLockBackendError
 from .base import LockBackend
 
@@ -47,46 +47,24 @@ def create_backend(alias: str, params: Mapping[str, Any]) -> LockBackend:
     return backend_cls(alias, params.get("OPTIONS") or {})
 
 
-class LockBackendRegistry(Mapping[str, LockBackend]):
-    def __init__(self) -> None:
-        self._backends: dict[str, LockBackend] = {}
-        self._lock = threading.Lock()
+class LockBackendRegistry(AliasRegistry[LockBackend]):
+    """alias -> lock backend, built lazily; each backend keeps its own
+    per-process clients, so an instance may be shared across a fork."""
 
-    def __getitem__(self, alias: str) -> LockBackend:
-        try:
-            return self._backends[alias]
-        except KeyError:
-            pass
-        with self._lock:
-            if alias not in self._backends:
-                settings = conf.lock_backend_settings()
-                if alias not in settings:
-                    raise InvalidLockBackendError(
-                        f"No lock backend {alias!r} in CELERY_ADV['LOCK_BACKENDS'] "
-                        f"(configured: {', '.join(sorted(settings)) or 'none'})."
-                    )
-                self._backends[alias] = create_backend(alias, settings[alias])
-            return self._backends[alias]
+    kind = "lock backend"
+    setting_key = "LOCK_BACKENDS"
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(conf.lock_backend_settings())
+    def configured(self) -> Mapping[str, Mapping[str, Any]]:
+        return conf.lock_backend_settings()
 
-    def __len__(self) -> int:
-        return len(conf.lock_backend_settings())
+    def create(self, alias: str, params: Mapping[str, Any]) -> LockBackend:
+        return create_backend(alias, params)
 
-    def reset(self) -> None:
-        """Close and forget every backend (settings changed, tests)."""
-        with self._lock:
-            backends, self._backends = self._backends, {}
-        for backend in backends.values():
-            backend.close()
+    def unknown(self, message: str) -> Exception:
+        return InvalidLockBackendError(message)
 
-    def forget_after_fork(self) -> None:
-        # The parent's sockets must not be shared with the child: drop them
-        # without closing (closing could tear down the parent's sessions).
-        self._backends = {}
-        self._lock = threading.Lock()
+    def close_instance(self, instance: LockBackend) -> None:
+        instance.close()
 
 
 lock_backends = LockBackendRegistry()
-os.register_at_fork(after_in_child=lock_backends.forget_after_fork)
