@@ -7,13 +7,18 @@ cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
 ensure_venv "all,test"
-# Headless browser for tests/test_monitoring_browser.py: Debian's chromium and
-# chromium-driver (selenium uses /usr/bin/chromedriver; nothing is downloaded).
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  echo "installing chromium + chromium-driver (Debian) ..."
+# Debian tools the tests drive: chromium + chromium-driver for the headless
+# browser test (selenium uses /usr/bin/chromedriver; nothing is downloaded) and
+# faketime for the moved-clock fault tests.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v faketime >/dev/null || missing+=(faketime)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian) ..."
   apt-get -o DPkg::Lock::Timeout=600 update -qq
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    chromium chromium-driver >/dev/null
+    "${missing[@]}" >/dev/null
 fi
 bash scripts/services.sh start
 trap 'bash scripts/services.sh stop' EXIT
