@@ -6,17 +6,36 @@ client made here is a plain ``redis.Redis``, though):
 
 * ``<prefix>{<name>}:slots`` - a hash ``slot -> lease record``; the record
   holds the fencing token, the grant and expiry times (server milliseconds),
-  the TTL and the holder (task id, hostname, pid) so anyone can list holders;
+  the TTL, the id of the acquire request that wrote it, and the holder (task
+  id, hostname, pid) so anyone can list holders;
 * ``<prefix>{<name>}:token`` - the fencing counter, bumped by ``INCR`` in the
   same script that writes the grant.
 
 Guarantees (beyond :mod:`.base`): a script runs atomically, so reclaiming
 expired leases, counting the live ones (every slot, also those above a
 capacity that was lowered), picking the lowest free slot and bumping the
-token happen as one step. Expiry is decided by ``redis.call('TIME')``, never
-by a client's clock, so clients need no clock sync for safety; a lease's
-``expires_at`` is the server's time, and ``Lease.is_valid()`` compares it with
-the local clock, which is only as good as NTP.
+token happen as one step.
+
+Clocks: who holds a slot is decided by ``redis.call('TIME')`` only, never by a
+client's clock, so a client whose clock is minutes off can neither be
+granted a held slot nor keep one past its expiry. A lease's ``expires_at``
+is the server's time, for display. ``Lease.is_valid()`` is local: the
+``time.monotonic()`` reading taken before the grant or renew script was sent,
+plus the TTL, so the holder stops counting on the lease no later than the
+server expires it (whatever either wall clock says), give or take the
+difference in clock *rates* over one TTL.
+
+A reply lost after the server applied the grant: every acquire carries a
+random request id, stored in the lease record. If the script call fails by
+a connection error or timeout, the grant may have been applied without the
+client hearing of it, so the backend at once asks the server, on a fresh
+connection (redis-py drops the failed one), to delete the record written by
+that request id (as redlock-py releases by its random value), then raises
+``LockError`` all the same. That is best effort: if the release cannot get
+through either, the slot stays taken until its TTL expires, never longer.
+A new connection sends no handshake of its own (RESP2, no ``CLIENT
+SETINFO``), so that release is the first thing it sends. A failed acquire
+takes at most about twice ``socket_timeout``.
 
 Memory: the slots hash expires by itself one minute after its last lease
 would expire, so locks that nobody uses any more vanish. The token counter
@@ -26,28 +45,35 @@ one a fenced storage has already seen. For the same reason the server must
 not evict it: use ``maxmemory-policy noeviction`` or a ``volatile-*`` policy
 (the counter has no TTL, so ``volatile-*`` policies never pick it).
 
-Limits: Redis replicates asynchronously, so a failover can lose grants made
-just before it, and then grant a slot twice; this backend is exactly as safe
-as one Redis primary (no Redlock). A restart without persistence (no AOF)
-forgets leases and counters alike, so tokens start again at 1: if a fenced
-storage must survive that, use ``appendonly yes``.
+Limits: fencing tokens restart when the counter is lost. A restart without
+persistence (no AOF) forgets leases and counters alike, so tokens start
+again at 1 (``test_redis_faults`` proves it), and a failover to a replica
+that had not yet received the last ``INCR`` (replication is asynchronous)
+can grant a token twice, and a slot twice. This backend is exactly as safe
+as one Redis primary (no Redlock). Where a fenced storage must survive that,
+use ``appendonly yes`` at least, or better a backend whose tokens survive
+restarts and failover (ZooKeeper, etcd, the database).
 
 Error handling
 ==============
 
 Every ``redis.RedisError`` (connection refused, timeout, a wrong-type key,
 a script error) is raised as :class:`~django_celery_adv.exceptions.LockError`
-chained with ``from``. The client does not retry by itself: an acquire
-whose reply was lost may have been granted, and retrying it would hold a
-second slot until its TTL ran out; the caller decides whether to retry.
-A lease whose ``acquire`` raised may still be held until its TTL expires.
+chained with ``from`` (:meth:`~.base.LockBackend.translate_errors`). The
+client does not retry by itself: a retried acquire whose first reply was
+lost would hold a second slot; instead a failed acquire withdraws its
+request (above) and the caller decides whether to try again. ``renew``
+raises on a server it cannot reach (the heartbeat retries until the lease's
+own expiry) and returns False once the server no longer has the lease
+(expired, force-released, or forgotten by a restart).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
+import logging
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,19 +83,26 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ...exceptions import InvalidLockBackendError, LockError
-from ...masking import mask_url
+from ...exceptions import InvalidLockBackendError
+from ...masking import mask_text, mask_url
+from ...process import PerProcess
 from .base import Holder, Lease, LockBackend, from_timestamp
+
+logger = logging.getLogger("django_celery_adv.locks")
 
 DEFAULT_PREFIX = "celery-adv:lock:"
 DEFAULT_SOCKET_TIMEOUT = 5.0
 #: How long the slots hash outlives its last lease (ms). Any positive value is
 #: safe: the hash's TTL is always past the expiry of every live lease in it.
 IDLE_MS = 60_000
+#: Errors after which an acquire may have been applied unheard (not a script
+#: error: the server replied to that one).
+_UNANSWERED = (redis.ConnectionError, redis.TimeoutError)
 
-# A record is "token:acquired_ms:expires_ms:ttl_ms:" + the holder as JSON. The
-# numbers are formatted by the scripts themselves with %d: Lua 5.1 prints large
-# numbers in exponent form otherwise, and cjson rounds past 14 digits.
+# A record is "token:acquired_ms:expires_ms:ttl_ms:request:" + the holder as
+# JSON. The numbers are formatted by the scripts themselves with %d: Lua 5.1
+# prints large numbers in exponent form otherwise, and cjson rounds past 14
+# digits. The request id is hex, so it never contains the separator.
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -104,7 +137,7 @@ while taken[slot] do slot = slot + 1 end
 local token = redis.call('INCR', KEYS[2])
 local expires = now + ttl
 redis.call('HSET', KEYS[1], slot,
-  string.format('%d:%d:%d:%d:', token, now, expires, ttl) .. ARGV[3])
+  string.format('%d:%d:%d:%d:', token, now, expires, ttl) .. ARGV[5] .. ':' .. ARGV[3])
 if expires > last then last = expires end
 redis.call('PEXPIRE', KEYS[1], last - now + idle)
 return {slot, token, now, expires}
@@ -115,7 +148,7 @@ local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then
   return false
 end
-local token, acquired, expires, holder =
+local token, acquired, expires, rest =
   string.match(record, '^(%d+):(%d+):(%d+):%d+:(.*)$')
 -- An expired lease stays lost even if nobody took its slot yet.
 if token ~= ARGV[2] or tonumber(expires) <= now then
@@ -124,7 +157,7 @@ end
 local ttl = tonumber(ARGV[3])
 local new_expires = now + ttl
 redis.call('HSET', KEYS[1], ARGV[1],
-  string.format('%d:%d:%d:%d:', token, acquired, new_expires, ttl) .. holder)
+  string.format('%d:%d:%d:%d:', token, acquired, new_expires, ttl) .. rest)
 if redis.call('PTTL', KEYS[1]) < ttl + tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[4]))
 end
@@ -135,6 +168,17 @@ _RELEASE = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if record and string.match(record, '^(%d+):') == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+# Withdraws the grant of one acquire request whose reply never arrived.
+_WITHDRAW = """
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  if string.match(flat[i + 1], '^%d+:%d+:%d+:%d+:(%x+):') == ARGV[1] then
+    return redis.call('HDEL', KEYS[1], flat[i])
+  end
 end
 return 0
 """
@@ -164,14 +208,11 @@ return live
 """
 
 
-
-
 @dataclass(frozen=True)
-class _Connection:
-    """A client and its scripts, valid only in the process that created them."""
+class _Client:
+    """One process's client and the scripts registered on it."""
 
-    pid: int
-    client: redis.Redis
+    redis: redis.Redis
     acquire: Script
     renew: Script
     release: Script
@@ -188,6 +229,7 @@ class RedisBackend(LockBackend):
     """
 
     required_options = ("url",)
+    client_errors = (redis.RedisError,)
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
@@ -197,60 +239,67 @@ class RedisBackend(LockBackend):
         self.prefix = str(self.options.get("prefix", DEFAULT_PREFIX))
         timeout = self.options.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
         self.socket_timeout = None if timeout is None else float(timeout)
-        self._conn: _Connection | None = None
-        self._guard = threading.Lock()
-        self._guard_pid = os.getpid()
+        self._client: PerProcess[_Client] = PerProcess(
+            self._connect, close=lambda client: client.redis.close())
 
     # -- the five operations ------------------------------------------------
 
     def acquire(self, name: str, capacity: int, holder: Holder, ttl: float) -> Lease | None:
         if capacity <= 0:
             return None
-        conn = self._connection()
         slots, token_key = self._keys(name)
-        reply = self._run(conn.acquire, [slots, token_key],
-                          [int(capacity), _ms(ttl), json.dumps(holder.as_dict()), IDLE_MS])
+        request = secrets.token_hex(16)
+        with self.translate_errors(name):
+            client = self._client.get()
+            sent_at = time.monotonic()
+            try:
+                reply = client.acquire(keys=[slots, token_key], args=[
+                    int(capacity), _ms(ttl), json.dumps(holder.as_dict()), IDLE_MS, request])
+            except _UNANSWERED:
+                self._withdraw(client, name, request)
+                raise
         if reply is None:
             return None
         slot, token, acquired_ms, expires_ms = (int(value) for value in reply)
-        return Lease(name=name, slot=slot, token=token, holder=holder,
-                     acquired_at=from_timestamp(acquired_ms / 1000),
-                     expires_at=from_timestamp(expires_ms / 1000),
-                     ttl=ttl, backend=self.alias)
+        lease = Lease(name=name, slot=slot, token=token, holder=holder,
+                      acquired_at=from_timestamp(acquired_ms / 1000),
+                      expires_at=from_timestamp(expires_ms / 1000),
+                      ttl=ttl, backend=self.alias)
+        lease.confirm(sent_at, ttl)
+        return lease
 
     def renew(self, lease: Lease) -> bool:
-        conn = self._connection()
         slots, _ = self._keys(lease.name)
-        expires_ms = self._run(conn.renew, [slots],
-                               [lease.slot, lease.token, _ms(lease.ttl), IDLE_MS])
+        with self.translate_errors(lease.name):
+            client = self._client.get()
+            sent_at = time.monotonic()
+            expires_ms = client.renew(keys=[slots],
+                                      args=[lease.slot, lease.token, _ms(lease.ttl), IDLE_MS])
         if expires_ms is None:
             return False
         lease.expires_at = from_timestamp(int(expires_ms) / 1000)
+        lease.confirm(sent_at, lease.ttl)
         return True
 
     def release(self, lease: Lease) -> None:
-        conn = self._connection()
         slots, _ = self._keys(lease.name)
-        self._run(conn.release, [slots], [lease.slot, lease.token])
+        with self.translate_errors(lease.name):
+            self._client.get().release(keys=[slots], args=[lease.slot, lease.token])
 
     def holders(self, name: str) -> list[Lease]:
-        conn = self._connection()
         slots, _ = self._keys(name)
-        flat = self._run(conn.holders, [slots], [])
+        with self.translate_errors(name):
+            flat = self._client.get().holders(keys=[slots], args=[])
         leases = [self._parse(name, int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
         return sorted(leases, key=lambda lease: lease.slot)
 
     def force_release(self, name: str, token: int) -> bool:
-        conn = self._connection()
         slots, _ = self._keys(name)
-        return bool(self._run(conn.force_release, [slots], [int(token)]))
+        with self.translate_errors(name):
+            return bool(self._client.get().force_release(keys=[slots], args=[int(token)]))
 
     def close(self) -> None:
-        with self._lock():
-            conn, self._conn = self._conn, None
-        # Another process's connections are not ours to shut down.
-        if conn is not None and conn.pid == os.getpid():
-            conn.client.close()
+        self._client.close()
 
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} prefix {self.prefix!r}"
@@ -263,50 +312,41 @@ class RedisBackend(LockBackend):
         base = f"{self.prefix}{{{name}}}"
         return f"{base}:slots", f"{base}:token"
 
-    def _lock(self) -> threading.Lock:
-        # A lock inherited through fork may be held by a thread that does not
-        # exist in the child; the child starts with a fresh one.
-        if self._guard_pid != os.getpid():
-            self._guard = threading.Lock()
-            self._guard_pid = os.getpid()
-        return self._guard
+    def _connect(self) -> _Client:
+        client = redis.Redis.from_url(
+            self.url, socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            retry=Retry(NoBackoff(), 0), decode_responses=True,
+            # No handshake round trips on connect (HELLO, CLIENT SETINFO): the
+            # first request on a fresh connection is the caller's own, which is
+            # what lets the withdrawal after a lost reply go out at once.
+            protocol=2, driver_info=None,
+        )
+        return _Client(
+            redis=client,
+            acquire=client.register_script(_ACQUIRE),
+            renew=client.register_script(_RENEW),
+            release=client.register_script(_RELEASE),
+            force_release=client.register_script(_FORCE_RELEASE),
+            holders=client.register_script(_HOLDERS),
+        )
 
-    def _connection(self) -> _Connection:
-        conn = self._conn
-        pid = os.getpid()
-        if conn is not None and conn.pid == pid:
-            return conn
-        with self._lock():
-            conn = self._conn
-            if conn is not None and conn.pid == pid:
-                return conn
-            # A client inherited through fork shares its sockets with the
-            # parent; it is dropped unclosed so the parent's stay usable.
-            client = redis.Redis.from_url(
-                self.url, socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                retry=Retry(NoBackoff(), 0), decode_responses=True,
-            )
-            conn = _Connection(
-                pid=pid, client=client,
-                acquire=client.register_script(_ACQUIRE),
-                renew=client.register_script(_RENEW),
-                release=client.register_script(_RELEASE),
-                force_release=client.register_script(_FORCE_RELEASE),
-                holders=client.register_script(_HOLDERS),
-            )
-            self._conn = conn
-            return conn
-
-    def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    def _withdraw(self, client: _Client, name: str, request: str) -> None:
+        """Delete the grant of an acquire whose reply was lost, if it was applied."""
+        slots, _ = self._keys(name)
         try:
-            return script(keys=keys, args=args)
+            # EVAL with the body, not EVALSHA: this rarely used script may not
+            # be in the server's cache, and a NOSCRIPT reply would be lost too.
+            client.redis.eval(_WITHDRAW, 1, slots, request)
         except redis.RedisError as e:
-            raise LockError(f"redis lock backend {self.alias!r} "
-                            f"({mask_url(self.url)}): {e}") from e
+            # The acquire raises anyway; the slot, if granted, ends with its TTL.
+            logger.warning("lock %r: no answer to the withdrawal of an acquire whose reply "
+                           "was lost (%s: %s); if the grant was applied and the withdrawal "
+                           "was not, the slot stays taken until its TTL expires",
+                           name, type(e).__name__, mask_text(str(e)))
 
     def _parse(self, name: str, slot: int, record: str) -> Lease:
-        token, acquired_ms, expires_ms, ttl_ms, holder = record.split(":", 4)
+        token, acquired_ms, expires_ms, ttl_ms, _request, holder = record.split(":", 5)
         return Lease(
             name=name, slot=slot, token=int(token),
             holder=Holder.from_dict(json.loads(holder)),
