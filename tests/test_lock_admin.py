@@ -1,23 +1,34 @@
-"""Operators manage locks in the admin: the row wins over the code, within seconds."""
+"""Operators manage locks in the admin: the row wins over the code, within seconds; a lock
+server that is down gives messages, never a 500; a lock cannot be detached by an edit."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
 
 import pytest
+from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
+from django.test import override_settings
 from django.urls import reverse
 
 from django_celery_adv.exceptions import LockUnavailable
 from django_celery_adv.locks import lock
 from django_celery_adv.locks.backends import lock_backends
-from django_celery_adv.locks.backends.base import Holder
-from django_celery_adv.locks.definitions import REFRESH_SECONDS, policies
+from django_celery_adv.locks.backends.base import Holder, Lease
+from django_celery_adv.locks.definitions import CHECK_SECONDS, policies
+from django_celery_adv.masking import MASK
 from django_celery_adv.models import LockDefinition
+from tests.faults.servers import spare_port
 
 pytestmark = pytest.mark.django_db
 
+SECRET = "lock-server-secret"
+CHANGELIST = "admin:django_celery_adv_lockdefinition_changelist"
 FORM = {"backend": "default", "capacity": "3", "description": "", "ttl": "30", "wait": "0",
         "on_busy": "retry", "retry_countdown": "5", "retry_jitter": "1", "max_retries": ""}
 
@@ -39,38 +50,159 @@ def staff(client):
     return user
 
 
+@pytest.fixture
+def releaser(client, staff):
+    staff.user_permissions.add(Permission.objects.get(codename="force_release_lock"))
+    return staff
+
+
+class DownBackend:
+    """Lock backend ``alias`` added to the test settings: Redis on a port nobody listens
+    on, its URL carrying a password; counts the calls of the backend's ``holders``."""
+
+    def __init__(self, alias: str = "down") -> None:
+        self.alias = alias
+        self.port = spare_port()
+        self.holders_calls = 0
+
+    @contextmanager
+    def configured(self) -> Iterator[DownBackend]:
+        backends = {**settings.CELERY_ADV["LOCK_BACKENDS"], self.alias: {
+            "BACKEND": "django_celery_adv.locks.backends.redis.RedisBackend",
+            "OPTIONS": {"url": f"redis://:{SECRET}@127.0.0.1:{self.port}/0",
+                        "socket_timeout": 0.5}}}
+        with override_settings(CELERY_ADV={**settings.CELERY_ADV, "LOCK_BACKENDS": backends}):
+            lock_backends.reset()
+            backend = lock_backends[self.alias]
+            read = backend.holders
+
+            def counted(name: str) -> list[Lease]:
+                self.holders_calls += 1
+                return read(name)
+
+            backend.holders = counted
+            try:
+                yield self
+            finally:
+                lock_backends.reset()
+
+
+def down_lock_backend(alias: str = "down"):
+    """``with down_lock_backend() as down:`` the settings with a lock backend that is down."""
+    return DownBackend(alias).configured()
+
+
 def change_url(definition: LockDefinition) -> str:
     return reverse("admin:django_celery_adv_lockdefinition_change", args=[definition.pk])
 
 
-def hold(definition: LockDefinition, count: int):
+def hold(definition: LockDefinition, count: int) -> list[Lease]:
     backend = lock_backends[definition.backend]
     return [backend.acquire(definition.name, definition.capacity, Holder(task_id=f"task-{i}"),
                             60) for i in range(count)]
 
 
-def test_list_shows_holders_now_and_paused(client, staff):
+def messages_of(response) -> list[str]:
+    return [str(message) for message in response.context["messages"]]
+
+
+# -- what the list and the change page show ------------------------------------------------
+
+def test_list_shows_holders_now_and_a_plain_state(client, staff):
     busy = LockDefinition.objects.create(name="busy-lock", capacity=3)
     LockDefinition.objects.create(name="paused-lock", capacity=0)
     hold(busy, 2)
 
-    page = client.get(reverse("admin:django_celery_adv_lockdefinition_changelist"))
+    page = client.get(reverse(CHANGELIST))
 
     assert page.status_code == 200
     html = page.content.decode()
     assert "2 / 3" in html and "0 / 0" in html
-    assert 'alt="True"' in html  # the paused lock's icon
+    states = re.findall(r'<td class="field-state">([^<]*)</td>', html)
+    assert states == ["active", "paused"]  # ordered by name; no yes/no icon for a normal lock
+    assert 'alt="False"' not in html
 
 
-def test_detail_lists_every_holder_with_its_token(client, staff):
+def test_detail_lists_every_holder_by_host_pid_and_token_to_the_second(client, staff):
     definition = LockDefinition.objects.create(name="detail-lock", capacity=2)
     leases = hold(definition, 2)
 
     html = client.get(change_url(definition)).content.decode()
 
     for lease in leases:
-        assert f"<td>{lease.holder.task_id}</td>" in html
-        assert f"<td>{lease.token}</td>" in html
+        assert f"<code>{lease.holder.task_id}</code>" in html
+        assert f"{lease.holder.hostname} (pid {lease.holder.pid})" in html
+        assert f'<td class="dca-token">{lease.token}</td>' in html
+        assert lease.acquired_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") in html
+    assert not re.search(r"\d\d:\d\d:\d\d\.\d", html), "times are shown to the second"
+    assert ">Host</th>" in html and ">Worker</th>" not in html
+
+
+def test_holders_table_is_an_overridable_template(client, staff):
+    definition = LockDefinition.objects.create(name="custom-lock", capacity=2)
+    hold(definition, 2)
+    templates = [{**settings.TEMPLATES[0], "APP_DIRS": False, "OPTIONS": {
+        **settings.TEMPLATES[0]["OPTIONS"],
+        "loaders": [("django.template.loaders.locmem.Loader", {
+            "admin/django_celery_adv/lockdefinition/holders.html":
+                "<p id='ours'>{{ definition.name }}: {{ leases|length }} holders</p>"}),
+            "django.template.loaders.app_directories.Loader"]}}]
+
+    with override_settings(TEMPLATES=templates):
+        html = client.get(change_url(definition)).content.decode()
+
+    assert "<p id='ours'>custom-lock: 2 holders</p>" in html
+
+
+# -- edits that would detach a lock or double its holders ----------------------------------
+
+def test_an_existing_lock_cannot_be_renamed(client, staff):
+    definition = LockDefinition.objects.create(name="named-lock", capacity=1)
+
+    form_html = client.get(change_url(definition)).content.decode()
+    response = client.post(change_url(definition), {**FORM, "name": "renamed-lock"})
+
+    assert response.status_code == 302
+    assert LockDefinition.objects.get(pk=definition.pk).name == "named-lock"
+    assert not LockDefinition.objects.filter(name="renamed-lock").exists()
+    assert 'name="name"' not in form_html  # shown read-only, not as an input
+    add_html = client.get(reverse("admin:django_celery_adv_lockdefinition_add")).content
+    assert b'name="name"' in add_html  # a new lock still gets its name
+
+
+def test_backend_cannot_change_while_the_old_backend_lists_holders(client, staff):
+    definition = LockDefinition.objects.create(name="moving-lock", capacity=2)
+    [lease] = hold(definition, 1)
+
+    response = client.post(change_url(definition), {**FORM, "backend": "redis"})
+
+    assert response.status_code == 200  # the form again
+    [error] = response.context["adminform"].form.errors["backend"]
+    holder = lease.holder
+    assert f"task {holder.task_id} on host {holder.hostname} (pid {holder.pid})" in error
+    assert LockDefinition.objects.get(pk=definition.pk).backend == "default"
+    assert lock_backends["redis"].holders("moving-lock") == []
+
+
+def test_backend_cannot_change_while_the_old_backend_cannot_be_read(client, staff):
+    with down_lock_backend():
+        definition = LockDefinition.objects.create(name="stranded-lock", backend="down")
+        response = client.post(change_url(definition), {**FORM, "backend": "default"})
+
+        assert response.status_code == 200
+        [error] = response.context["adminform"].form.errors["backend"]
+        assert "cannot be read" in error and "Connection" in error
+        assert SECRET not in error and f":{MASK}@" in error
+        assert LockDefinition.objects.get(pk=definition.pk).backend == "down"
+
+
+def test_backend_of_a_free_lock_can_change(client, staff):
+    definition = LockDefinition.objects.create(name="free-lock", capacity=2)
+
+    response = client.post(change_url(definition), {**FORM, "backend": "redis"})
+
+    assert response.status_code == 302
+    assert LockDefinition.objects.get(pk=definition.pk).backend == "redis"
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -93,36 +225,70 @@ def test_capacity_lowered_in_the_admin_stops_new_grants_holders_keep_theirs(clie
         response = client.post(change_url(definition), {**FORM, "name": "lowered-lock",
                                                         "capacity": "2"})
         assert response.status_code == 302
-        time.sleep(REFRESH_SECONDS + 0.1)  # what a worker process waits at most
+        time.sleep(CHECK_SECONDS + 0.1)  # what a worker process waits at most
 
         with pytest.raises(LockUnavailable), lock("lowered-lock"):
             pass
-        assert all(lease.is_valid() for lease in (first, second, third))
-        third_token = third.token
-    del third_token
+        held = {lease.token for lease in lock_backends["default"].holders("lowered-lock")}
+        assert held == {first.token, second.token, third.token}
     with lock("lowered-lock") as again:  # all released: below capacity again
-        assert again.is_valid()
+        assert [lease.token for lease in lock_backends["default"].holders("lowered-lock")] \
+            == [again.token]
 
 
-def test_force_release_needs_its_own_permission_and_is_logged(client, staff):
-    definition = LockDefinition.objects.create(name="stuck-lock", capacity=1)
-    [stuck] = hold(definition, 1)
-    url = reverse("admin:django_celery_adv_lockdefinition_changelist")
+# -- force release ----------------------------------------------------------------------------
+
+def test_force_release_needs_its_own_permission_and_is_logged_once(client, staff):
+    definition = LockDefinition.objects.create(name="stuck-lock", capacity=2)
+    stuck = hold(definition, 2)
     action = {"action": "force_release", "_selected_action": [definition.pk]}
 
-    client.post(url, action)
-    assert len(lock_backends["default"].holders("stuck-lock")) == 1  # not allowed yet
+    client.post(reverse(CHANGELIST), action)
+    assert len(lock_backends["default"].holders("stuck-lock")) == 2  # not allowed yet
 
     staff.user_permissions.add(Permission.objects.get(codename="force_release_lock"))
-    response = client.post(url, action, follow=True)
+    response = client.post(reverse(CHANGELIST), action, follow=True)
 
-    assert "Released 1 lease(s)." in response.content.decode()
+    assert "Released 2 lease(s)." in messages_of(response)
     assert lock_backends["default"].holders("stuck-lock") == []
-    entry = LogEntry.objects.get(object_id=str(definition.pk))
-    assert str(stuck.token) in entry.change_message
+    [entry] = LogEntry.objects.filter(object_id=str(definition.pk))
+    assert all(str(lease.token) in entry.change_message for lease in stuck)
+
+
+def test_force_release_on_a_backend_that_is_down_is_a_message(client, releaser):
+    with down_lock_backend():
+        down = LockDefinition.objects.create(name="unreachable-lock", backend="down")
+        working = LockDefinition.objects.create(name="reachable-lock", capacity=1)
+        hold(working, 1)
+        action = {"action": "force_release", "_selected_action": [down.pk, working.pk]}
+
+        response = client.post(reverse(CHANGELIST), action)
+        page = client.get(response["Location"]) if response.status_code == 302 else response
+
+    assert response.status_code == 302, response.status_code
+    [error, released] = messages_of(page)
+    assert error.startswith("unreachable-lock: nothing released: ") and "down" in error
+    assert SECRET not in error
+    assert released == "Released 1 lease(s)."
+    assert list(LogEntry.objects.values_list("object_id", flat=True)) == [str(working.pk)]
+
+
+def test_list_asks_a_backend_that_is_down_once_per_request(client, staff):
+    with down_lock_backend() as down:
+        for i in range(5):
+            LockDefinition.objects.create(name=f"down-lock-{i}", backend="down")
+        LockDefinition.objects.create(name="up-lock", capacity=2)
+
+        page = client.get(reverse(CHANGELIST))
+
+    assert page.status_code == 200
+    assert down.holders_calls == 1
+    html = page.content.decode()
+    assert html.count(">unavailable</span>") == 5 and "0 / 2" in html
+    assert SECRET not in html
 
 
 def test_anonymous_users_are_sent_to_login(client):
-    response = client.get(reverse("admin:django_celery_adv_lockdefinition_changelist"))
+    response = client.get(reverse(CHANGELIST))
 
     assert response.status_code == 302 and "/login/" in response["Location"]

@@ -10,18 +10,20 @@ from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.db import connection
-from django.test import Client, override_settings
+from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from django_celery_adv import admin_monitoring
+from django_celery_adv.admin import monitoring as monitoring_admin
 from django_celery_adv.locks.backends import lock_backends
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.locks.definitions import policies
 from django_celery_adv.masking import MASK
 from django_celery_adv.models import LockDefinition
 from django_celery_adv.monitoring import AppStatus, Status, WorkerStatus, forget_workers
-from tests.test_monitoring import SECRET, closed_port, with_down_apps
+from tests.test_lock_admin import SECRET as LOCK_SECRET
+from tests.test_lock_admin import down_lock_backend
+from tests.test_monitoring import SECRET, with_down_apps
 from tests.testapp.monitoring_tasks import monitored_sleep
 
 pytestmark = pytest.mark.django_db
@@ -107,7 +109,7 @@ def page_urls() -> list[str]:
 @pytest.mark.parametrize("index", range(3))
 def test_permissions_on_every_page(client, index, monkeypatch):
     # The pages' content is not the point here: no broker round trips.
-    monkeypatch.setattr(admin_monitoring, "inspect_all", lambda aliases=None: {
+    monkeypatch.setattr(monitoring_admin, "inspect_all", lambda aliases=None: {
         alias: AppStatus(alias=alias, broker="memory://", reachable=True, error=None,
                          workers=[WorkerStatus(name="w@h", status=Status.ONLINE)])
         for alias in (aliases or settings.CELERY_ADV["APPS"])})
@@ -255,7 +257,7 @@ def test_workers_page_queries_do_not_grow_with_workers(viewer, monkeypatch):
 
     counts = {}
     for workers in (1, 30):
-        monkeypatch.setattr(admin_monitoring, "inspect_all", fake(workers))
+        monkeypatch.setattr(monitoring_admin, "inspect_all", fake(workers))
         with CaptureQueriesContext(connection) as queries:
             html = viewer.get(reverse(WORKERS_URL)).content.decode()
         assert html.count('class="dca-worker ') == 3 * workers
@@ -267,13 +269,7 @@ def test_workers_page_queries_do_not_grow_with_workers(viewer, monkeypatch):
 # -- lock holders -----------------------------------------------------------------------
 
 def test_lock_holders_page_reads_every_backend_and_survives_one_down(viewer):
-    port = closed_port()
-    down_backend = {"BACKEND": "django_celery_adv.locks.backends.redis.RedisBackend",
-                    "OPTIONS": {"url": f"redis://:{SECRET}@127.0.0.1:{port}/0",
-                                "socket_timeout": 0.5}}
-    backends = {**settings.CELERY_ADV["LOCK_BACKENDS"], "down": down_backend}
-    with override_settings(CELERY_ADV={**settings.CELERY_ADV, "LOCK_BACKENDS": backends}):
-        lock_backends.reset()
+    with down_lock_backend() as down:
         LockDefinition.objects.create(name="mon-held", capacity=3)
         LockDefinition.objects.create(name="mon-free", capacity=2)
         LockDefinition.objects.create(name="mon-redis", backend="redis", capacity=1)
@@ -283,29 +279,43 @@ def test_lock_holders_page_reads_every_backend_and_survives_one_down(viewer):
                   for i in range(2)]
         redis_lease = lock_backends["redis"].acquire("mon-redis", 1, Holder(task_id="r-1"), 60)
         try:
-            started = time.monotonic()
             response = viewer.get(reverse(LOCKS_URL))
-            elapsed = time.monotonic() - started
         finally:
             lock_backends["redis"].release(redis_lease)
 
     assert response.status_code == 200
     html = response.content.decode()
-    assert SECRET not in html
-    # A lock with holders: its first row has 9 cells (lock, backend, count,
-    # then the holder), further holders 6; a lock without holders has 4.
+    assert LOCK_SECRET not in html
+    # A lock with holders: its first row has 8 cells (lock, backend, count,
+    # then the holder), further holders 5; a lock without holders has 4.
     rows = Tables(html).tables["lock-holders"][1:]
-    first_rows = {row[0]: row for row in rows if len(row) == 9}
-    other_rows = [row for row in rows if len(row) == 6]
+    first_rows = {row[0]: row for row in rows if len(row) == 8}
+    other_rows = [row for row in rows if len(row) == 5]
     plain = {row[0]: row for row in rows if len(row) == 4}
     assert first_rows["mon-held"][1:3] == ["default: database 'default'", "2 / 3"]
     held_by = {first_rows["mon-held"][3]: first_rows["mon-held"][-1]}
     held_by.update({row[0]: row[-1] for row in other_rows})
     assert held_by == {lease.holder.task_id: str(lease.token) for lease in leases}
+    holder = leases[0].holder
+    assert first_rows["mon-held"][4] == f"{holder.hostname} (pid {holder.pid})"
     assert first_rows["mon-redis"][1].startswith("redis: redis ")
     assert first_rows["mon-redis"][2:4] == ["1 / 1", "r-1"]
     assert plain["mon-free"][2:] == ["2", "nobody"]
     for name in ("mon-down-1", "mon-down-2"):
         assert plain[name][3].startswith("Backend unavailable: "), plain[name]
-    assert f"redis://:{MASK}@127.0.0.1:{port}" in html  # the backend, described masked
-    assert elapsed < 3, "a down backend is asked once, not once per lock"
+    assert f"redis://:{MASK}@127.0.0.1:{down.port}" in html  # the backend, described masked
+    assert down.holders_calls == 1, "a down backend is asked once, not once per lock"
+
+
+def test_force_release_on_a_backend_that_is_down_is_a_message(client):
+    client.force_login(make_user("releaser", "view_monitoring", "force_release_lock"))
+    with down_lock_backend():
+        definition = LockDefinition.objects.create(name="mon-unreachable", backend="down")
+        response = client.post(reverse(RELEASE_URL), {"definition": definition.pk, "token": 7})
+        page = client.get(reverse(LOCKS_URL))
+
+    assert response.status_code == 302 and response["Location"] == reverse(LOCKS_URL)
+    [message] = [str(message) for message in page.context["messages"]]
+    assert message.startswith("mon-unreachable: nothing released: "), message
+    assert LOCK_SECRET not in message and "down" in message
+    assert not LogEntry.objects.exists()

@@ -17,8 +17,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from .failures import daily_counts
-from .models import TaskFailure
+from ..failures import daily_counts
+from ..models import TaskFailure
 
 BAR_WIDTH = 16
 BAR_GAP = 4

@@ -8,12 +8,15 @@ Registered on the default admin site as the admin of the table-less
   page, adds CSRF protection and ``never_cache``;
 * every page needs ``django_celery_adv.view_monitoring`` (else 403);
 * force-releasing a lock is a POST with a CSRF token and needs
-  ``django_celery_adv.force_release_lock`` as well; it is logged as a
-  ``LogEntry`` on the lock definition, like the lock admin's action.
+  ``django_celery_adv.force_release_lock`` as well; it goes through
+  ``locks.force_release``, which logs it as one ``LogEntry`` on the lock
+  definition, like the lock admin's action.
 
-Pages read through :mod:`django_celery_adv.monitoring` and the lock backends,
-never a broker or lock server directly. A broker or lock backend that is down
-shows its error in place and the page still renders. The SQL queries of the
+Pages read through :mod:`django_celery_adv.monitoring` and
+:mod:`django_celery_adv.locks` (``holders``, ``force_release``), never a
+broker or lock server directly. A broker or lock backend that is down shows
+its error in place (a message after a force release) and the page still
+renders; a lock backend that failed is not asked again in the same request. The SQL queries of the
 workers page do not depend on the number of workers (the session and user,
 nothing per worker). Templates use only the admin's CSS and work without
 JavaScript; ``?refresh=N`` adds a plain meta refresh every N seconds.
@@ -26,7 +29,6 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.models import CHANGE, LogEntry
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -35,14 +37,14 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from . import conf
-from .admin import read_holders
-from .exceptions import CeleryAdvError
-from .locks.backends import lock_backends
-from .masking import is_secret_key, mask_text, url_secrets
-from .models import LockDefinition, Monitoring
-from .monitoring import inspect_all
-from .registry import apps
+from ..exceptions import CeleryAdvError
+from ..locks import force_release
+from ..locks.backends import lock_backends
+from ..masking import mask_text
+from ..models import LockDefinition, Monitoring
+from ..monitoring import inspect_all
+from ..registry import apps
+from .locks import HolderReader, backend_secrets, masked_error
 
 VIEW_PERMISSION = "django_celery_adv.view_monitoring"
 FORCE_RELEASE_PERMISSION = "django_celery_adv.force_release_lock"
@@ -50,19 +52,6 @@ FORCE_RELEASE_PERMISSION = "django_celery_adv.force_release_lock"
 REFRESH_RANGE = (2, 3600)
 #: The refresh interval offered by the pages' "auto-refresh" link.
 DEFAULT_REFRESH = 10
-
-
-def backend_secrets(alias: str) -> list[str]:
-    """Secrets in a lock backend's OPTIONS: URL passwords and secret-named values."""
-    options = (conf.lock_backend_settings().get(alias) or {}).get("OPTIONS") or {}
-    found: list[str] = []
-    if isinstance(options, dict):
-        for key, value in options.items():
-            if isinstance(value, str):
-                found.extend(url_secrets(value) if "://" in value else [])
-                if is_secret_key(key):
-                    found.append(value)
-    return found
 
 
 class HolderRow:
@@ -188,25 +177,16 @@ class MonitoringAdmin(admin.ModelAdmin):
         return TemplateResponse(request, self.locks_template, context)
 
     def holder_rows(self, definitions: Iterable[LockDefinition]) -> list[HolderRow]:
-        rows = []
-        # One failure per backend is enough: a server that is down would make
-        # every further lock on it wait for its own timeout again.
-        failed: dict[str, str] = {}
+        reader = HolderReader()  # a backend that failed is not asked again
         descriptions: dict[str, str] = {}
+        rows = []
         for definition in definitions:
             alias = definition.backend
             if alias not in descriptions:
                 descriptions[alias] = self._describe(alias)
-            if alias in failed:
-                rows.append(HolderRow(definition, descriptions[alias], [], failed[alias]))
-                continue
-            try:
-                leases, error = read_holders(definition)
-            except Exception as e:  # a backend bug must not take the page down
-                leases, error = [], f"{type(e).__name__}: {e}"
-            if error:
-                error = failed[alias] = mask_text(error, backend_secrets(alias))
-            rows.append(HolderRow(definition, descriptions[alias], leases, error))
+            reading = reader.read(definition)
+            rows.append(HolderRow(definition, descriptions[alias], reading.leases,
+                                  reading.error))
         return rows
 
     @staticmethod
@@ -233,15 +213,13 @@ class MonitoringAdmin(admin.ModelAdmin):
             messages.error(request, "No valid token to release was given.")
             return HttpResponseRedirect(self._url("locks"))
         try:
-            released = lock_backends[definition.backend].force_release(definition.name, token)
+            released = force_release(definition.name, token, user=request.user,
+                                     backend=definition.backend)
         except CeleryAdvError as e:
-            messages.error(request, mask_text(f"{definition.name}: {e}",
-                                              backend_secrets(definition.backend)))
+            messages.error(request, f"{definition.name}: nothing released: "
+                                    f"{masked_error(definition.backend, e)}")
             return HttpResponseRedirect(self._url("locks"))
         if released:
-            # The same record the lock admin's force_release action writes.
-            LogEntry.objects.log_actions(request.user.pk, [definition], CHANGE,
-                                         change_message=f"Force-released tokens [{token}]")
             messages.success(request, f"Released token {token} of {definition.name}.")
         else:
             messages.warning(request, f"Token {token} of {definition.name} was no longer held.")

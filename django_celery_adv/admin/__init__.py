@@ -1,0 +1,15 @@
+"""The admin of django-celery-adv, one module per area.
+
+* :mod:`.locks`: lock definitions (tune, see holders, force-release);
+* :mod:`.failures`: task-failure groups (browse, chart, resolve);
+* :mod:`.monitoring`: the workers and lock-holders pages.
+
+Importing the package registers all three on the default admin site (Django's
+``autodiscover`` imports it). The areas import the domain modules below them
+(``locks``, ``failures``, ``monitoring``); ``monitoring`` reuses the lock
+area's holder reading, nothing imports ``monitoring``, so there is no cycle.
+"""
+
+from . import failures, locks, monitoring
+
+__all__ = ["failures", "locks", "monitoring"]

@@ -1,0 +1,229 @@
+"""Admin of lock definitions: tune a lock, see who holds it now, force-release it.
+
+Lock data is read and changed only through :mod:`django_celery_adv.locks`
+(``holders`` and ``force_release``); the admin never talks to a lock server
+or a backend object itself.
+
+Guarantees:
+
+* a lock server that fails never fails a page or an action: its ``LockError``
+  becomes an admin message or an "unavailable" cell, its text masked (URL
+  passwords and every secret of the backend's OPTIONS);
+* one changelist request asks a backend nothing more once it failed: N locks
+  on a server that is down cost one connection attempt, not N timeouts;
+* force release writes one admin-log entry per lock it freed something of
+  (``locks.force_release`` writes it);
+* an existing lock's name is read-only: code finds its row by name, so a
+  rename would detach the row and the next use would recreate the old name
+  with the code's defaults;
+* a lock's backend cannot be changed while the old backend lists holders, nor
+  while the old backend cannot be read: the new backend would grant the same
+  slots again (token 1 included) next to the running holders. A task that
+  takes the lock on the old backend in the moment between this check and the
+  workers seeing the change (``definitions.CHECK_SECONDS``) is not caught.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.template.loader import render_to_string
+from django.utils.html import format_html
+
+from .. import conf
+from ..exceptions import CeleryAdvError
+from ..locks import Lease, force_release, holders
+from ..masking import is_secret_key, mask_text, url_secrets
+from ..models import LockDefinition
+
+logger = logging.getLogger(__name__)
+
+
+def backend_secrets(alias: str) -> list[str]:
+    """Secrets in a lock backend's OPTIONS: URL passwords and secret-named values."""
+    options = (conf.lock_backend_settings().get(alias) or {}).get("OPTIONS") or {}
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if isinstance(value, str):
+                found.extend(url_secrets(value) if "://" in value else [])
+                if is_secret_key(key):
+                    found.append(value)
+    return found
+
+
+def masked_error(alias: str, error: BaseException) -> str:
+    """An error of backend ``alias`` as operators may read it: no secret in it."""
+    text = str(error) if isinstance(error, CeleryAdvError) else f"{type(error).__name__}: {error}"
+    return mask_text(text, backend_secrets(alias))
+
+
+def describe_holder(lease: Lease) -> str:
+    """Who holds ``lease``, from what the backend stores: task id, host, pid."""
+    holder = lease.holder
+    where = f"host {holder.hostname or '?'} (pid {holder.pid})"
+    return f"task {holder.task_id} on {where}" if holder.task_id else where
+
+
+@dataclass
+class HolderReading:
+    """The holders of one lock as read in this request, or why they could not be."""
+
+    leases: list[Lease] = field(default_factory=list)
+    error: str | None = None
+
+
+class HolderReader:
+    """Reads the holders of many locks in one request.
+
+    A backend that failed once is not asked again by this reader: a server
+    that is down would otherwise make every further lock on it wait for its
+    own connection timeout.
+    """
+
+    def __init__(self) -> None:
+        self._failed: dict[str, str] = {}
+
+    def read(self, definition: LockDefinition) -> HolderReading:
+        alias = definition.backend
+        if alias in self._failed:
+            return HolderReading(error=self._failed[alias])
+        try:
+            return HolderReading(holders(definition.name, backend=alias))
+        except CeleryAdvError as e:
+            error = masked_error(alias, e)
+        except Exception as e:  # a backend bug must not take the admin down: say it, log it
+            logger.exception("Reading the holders of lock %r failed", definition.name)
+            error = masked_error(alias, e)
+        self._failed[alias] = error
+        return HolderReading(error=error)
+
+
+class LockDefinitionForm(forms.ModelForm):
+    backend = forms.ChoiceField(choices=())
+
+    class Meta:
+        model = LockDefinition
+        fields = ["name", "backend", "capacity", "description", "ttl", "wait", "on_busy",
+                  "retry_countdown", "retry_jitter", "retry_backoff", "max_retries"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["backend"].choices = [(a, a) for a in conf.lock_backend_settings()]
+
+    def clean_backend(self) -> str:
+        backend = self.cleaned_data["backend"]
+        if self.instance.pk is None:
+            return backend
+        # The stored row, not the instance: that is what workers go by.
+        old = LockDefinition.objects.filter(pk=self.instance.pk).values_list(
+            "backend", flat=True).first()
+        if old is None or old == backend:
+            return backend
+        name = self.instance.name
+        try:
+            leases = holders(name, backend=old)
+        except CeleryAdvError as e:
+            raise ValidationError(
+                "Cannot move %(name)r off backend %(old)r: its holders there cannot be read "
+                "(%(error)s). Try again once that backend answers.",
+                code="old_backend_unreadable",
+                params={"name": name, "old": old, "error": masked_error(old, e)}) from e
+        if leases:
+            raise ValidationError(
+                "Cannot move %(name)r off backend %(old)r while it is held there by: "
+                "%(holders)s. The new backend would grant the same slots again; wait until "
+                "they finish or force-release them first.",
+                code="held_on_old_backend",
+                params={"name": name, "old": old,
+                        "holders": "; ".join(describe_holder(lease) for lease in leases)})
+        return backend
+
+
+class LockChangeList(ChangeList):
+    """The changelist, with the holders of the page's locks read once per request."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        reader = HolderReader()
+        for definition in self.result_list:  # evaluated once; the template reuses the rows
+            definition.holders_reading = reader.read(definition)
+
+
+@admin.register(LockDefinition)
+class LockDefinitionAdmin(admin.ModelAdmin):
+    form = LockDefinitionForm
+    #: The "current holders" table of the change page (override it per project).
+    holders_template = "admin/django_celery_adv/lockdefinition/holders.html"
+
+    list_display = ["name", "backend", "capacity", "holders_now", "state", "updated_at"]
+    list_filter = ["backend", "on_busy"]
+    search_fields = ["name", "description"]
+    readonly_fields = ["current_holders", "created_at", "updated_at"]
+    actions = ["force_release"]
+    fieldsets = [
+        (None, {"fields": ["name", "backend", "capacity", "description"]}),
+        ("Lease and retries", {"fields": ["ttl", "wait", "on_busy", "retry_countdown",
+                                          "retry_jitter", "retry_backoff", "max_retries"]}),
+        ("Now", {"fields": ["current_holders", "created_at", "updated_at"]}),
+    ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        # Code finds its row by name: renaming would detach the row.
+        return ["name", *fields] if obj is not None else fields
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return LockChangeList
+
+    @staticmethod
+    def _reading(obj: LockDefinition) -> HolderReading:
+        reading = getattr(obj, "holders_reading", None)
+        return reading if reading is not None else HolderReader().read(obj)
+
+    @admin.display(description="holders now")
+    def holders_now(self, obj: LockDefinition) -> str:
+        reading = self._reading(obj)
+        if reading.error is not None:
+            return format_html('<span class="dca-error" title="{}">unavailable</span>',
+                               reading.error)
+        return f"{len(reading.leases)} / {obj.capacity}"
+
+    @admin.display(description="state", ordering="capacity")
+    def state(self, obj: LockDefinition) -> str:
+        return "paused" if obj.capacity == 0 else "active"
+
+    @admin.display(description="current holders")
+    def current_holders(self, obj: LockDefinition) -> str:
+        if obj.pk is None:
+            return "-"
+        reading = self._reading(obj)
+        return render_to_string(self.holders_template, {
+            "definition": obj, "leases": reading.leases, "error": reading.error})
+
+    def has_force_release_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_celery_adv.force_release_lock")
+
+    @admin.action(description="Force-release every holder of the selected locks",
+                  permissions=["force_release"])
+    def force_release(self, request: HttpRequest, queryset: QuerySet[LockDefinition]) -> None:
+        released = failed = 0
+        for definition in queryset:
+            try:  # the module's force_release, not this method (a method is no global)
+                released += len(force_release(definition.name, user=request.user,
+                                              backend=definition.backend))
+            except CeleryAdvError as e:
+                failed += 1
+                self.message_user(request, f"{definition.name}: nothing released: "
+                                           f"{masked_error(definition.backend, e)}",
+                                  messages.ERROR)
+        if released or not failed:
+            self.message_user(request, f"Released {released} lease(s).", messages.SUCCESS)
