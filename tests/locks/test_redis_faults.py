@@ -42,27 +42,23 @@ def server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
+    """A key prefix of this test's own; its keys on the shared Redis go afterwards."""
     value = f"celery-adv-fault:{uuid.uuid4().hex[:10]}:"
     yield value
-    client = redis.Redis.from_url(settings.REDIS_LOCK_URL)
-    keys = list(client.scan_iter(match=f"{value}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis.Redis.from_url(settings.REDIS_LOCK_URL) as client:
+        for key in client.scan_iter(match=f"{value}*"):
+            client.delete(key)
 
 
 @pytest.fixture
-def make(prefix) -> Iterator[Callable[..., RedisBackend]]:
-    made: list[RedisBackend] = []
-
+def make(prefix, request) -> Callable[..., RedisBackend]:
+    """Factory: a backend on ``url`` under this test's prefix, closed afterwards."""
     def build(url: str, **options: Any) -> RedisBackend:
         backend = RedisBackend("redis", {"url": url, "prefix": prefix, **options})
-        made.append(backend)
+        request.addfinalizer(backend.close)
         return backend
 
-    yield build
-    for backend in made:
-        backend.close()
+    return build
 
 
 @pytest.fixture

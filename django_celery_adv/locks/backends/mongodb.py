@@ -9,10 +9,11 @@ name, bumped with ``find_one_and_update`` (``$inc``, upsert).
 
 Acquire, without transactions:
 
-1. read the name's leases; delete those expired (``expires_at <= now``), so
-   expired leases are reclaimed inside acquire and MongoDB's TTL monitor is
-   never relied upon; if ``capacity`` leases are live (counting every slot,
-   also those above a capacity that was lowered), return None;
+1. read the server's time ``now`` (below); read the name's leases; delete
+   those expired (``expires_at <= now``), so expired leases are reclaimed
+   inside acquire and MongoDB's TTL monitor is never relied upon; if
+   ``capacity`` leases are live (counting every slot, also those above a
+   capacity that was lowered), return None;
 2. insert a lease document into the lowest free slot below ``capacity``
    with token 0 ("being granted"); ``DuplicateKeyError`` means someone else
    got there first, so try the next free slot;
@@ -22,32 +23,51 @@ Acquire, without transactions:
    its document and returns None. The last acquirer to count sees every
    other lease, so no moment has more holders than capacity;
 4. take the token (``$inc``) and write it into the document, if that is
-   still there and live. The token is taken only once the slot is ours, so
-   the grants of a slot get strictly increasing tokens even if an acquirer
-   stalls for longer than a TTL.
+   still there and this process still counts on it (below). The token is
+   taken only once the slot is ours, so the grants of a slot get strictly
+   increasing tokens even if an acquirer stalls for longer than a TTL; one
+   that did stall deletes its document and returns None.
 
 Release and force_release delete the one document of that exact lease;
 renew updates it only while it is live. A TTL index on ``expires_at``
 (one hour after expiry) only collects documents of abandoned locks; the
 fence documents are never deleted, so tokens never go backwards.
 
-Time is the application servers' UTC clock (``datetime.now(UTC)``, stored at
-BSON's millisecond precision): hosts that share a lock must keep their
-clocks in sync (NTP) to within a small part of the TTL. Use ``w=majority``
-in the URL on a replica set, or a failover may forget a grant.
+Clocks
+======
+
+On a real mongod (or mongos) the server's clock decides: each operation
+first reads the server's time (``localTime`` of the ``hello`` command, one
+round trip) and every ``expires_at`` is written and compared in that time,
+so hosts need no clock sync for safety and a host whose clock is minutes
+off is neither granted a held slot nor keeps one. (``$$NOW`` in an update
+pipeline would spare that round trip, but mongomock, which the tests run on
+when no mongod is available, does not know ``$$NOW``; reading the time
+first keeps one code path, the one the tests prove.) A value read just
+before the query can be a round trip old: that only ever judges a lease
+live a moment longer. mongomock has no ``hello``: there the clock of the
+process that runs mongomock, which is the mock server's own, decides.
+
+``Lease.is_valid()`` reads no wall clock: the ``time.monotonic()`` reading
+taken before the server's time was read, plus the TTL, never later than the
+server's ``expires_at`` (give or take the difference in clock *rates* over
+one TTL). Stored times are at BSON's millisecond precision. Use
+``w=majority`` in the URL on a replica set, or a failover may forget a grant.
 
 What the tests prove: on real MongoDB (``MONGODB_URL`` set) everything
 above. Without a server they run on mongomock, which proves the queries and
 updates, the unique index (``DuplicateKeyError`` from pymongo's own class),
-``$lte``/``$gt`` on timezone-aware datetimes and the millisecond truncation.
-It does not prove atomicity: mongomock's ``$inc`` is a read-modify-write in
-Python, ``find_one_and_update`` re-applies its update by ``_id`` after an
-unlocked find, and two deletes of one document race into a ``KeyError``.
-This design needs no conditional update to win a slot (only the unique
-insert, which mongomock does keep to one winner), but the thread tests
-still serialize each mongomock call to stand in for the server's
-single-document atomicity. Nor does mongomock prove write concerns, the
-TTL monitor, or index builds on a populated collection.
+``$lte``/``$gt`` on timezone-aware datetimes, the millisecond truncation,
+and (with a ``hello`` that tells a time, as mongod's does) that the server's
+clock, not this host's, decides. It does not prove atomicity: mongomock's
+``$inc`` is a read-modify-write in Python, ``find_one_and_update``
+re-applies its update by ``_id`` after an unlocked find, and two deletes of
+one document race into a ``KeyError``. This design needs no conditional
+update to win a slot (only the unique insert, which mongomock does keep to
+one winner), but the thread tests still serialize each mongomock call to
+stand in for the server's single-document atomicity. Nor does mongomock
+prove write concerns, the TTL monitor, or index builds on a populated
+collection.
 
 Error handling
 ==============
@@ -55,29 +75,31 @@ Error handling
 Every ``pymongo.errors.PyMongoError`` other than the duplicate key of a
 contested slot (server selection timeout, connection refused, auth, an
 index conflict) is raised as
-:class:`~django_celery_adv.exceptions.LockError` chained with ``from``. An
-acquire that raised after inserting its document may leave that slot held
-until the lease's TTL expires, never longer. Retryable writes (pymongo's
-default on replica sets) are executed at most once by the server, so the
-client's own retry cannot grant two slots.
+:class:`~django_celery_adv.exceptions.LockError` chained with ``from``
+(:meth:`~.base.LockBackend.translate_errors`). An acquire that raised after
+inserting its document may leave that slot held until the lease's TTL
+expires, never longer. Retryable writes (pymongo's default on replica sets)
+are executed at most once by the server, so the client's own retry cannot
+grant two slots.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from pymongo import ASCENDING, MongoClient, ReturnDocument
 from pymongo.collection import Collection
+from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ...exceptions import InvalidLockBackendError, LockError
+from ...exceptions import InvalidLockBackendError
 from ...masking import mask_url
+from ...process import PerProcess
 from .base import Holder, Lease, LockBackend, utcnow
 
 DEFAULT_DATABASE = "celery_adv"
@@ -91,16 +113,11 @@ GC_AFTER_SECONDS = 3600
 #: Token of a document whose acquirer has not yet taken its token.
 GRANTING = 0
 
-T = TypeVar("T")
 
-
-
-
-def _now() -> datetime:
+def _millis(value: datetime) -> datetime:
     # BSON dates hold milliseconds; truncating first makes a Lease equal to
     # what holders() reads back.
-    now = utcnow()
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return _aware(value).replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _after(start: datetime, seconds: float) -> datetime:
@@ -114,14 +131,28 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class _Connection:
-    """A client and its collections, valid only in the process that created them."""
+def _tells_time(admin: Database[dict[str, Any]]) -> bool:
+    """Whether the server tells its clock in ``hello`` (mongomock has no ``hello``)."""
+    try:
+        return "localTime" in admin.command("hello")
+    except NotImplementedError:  # mongomock answers only "ping"
+        return False
 
-    pid: int
-    client: MongoClient[dict[str, Any]]
+
+@dataclass(frozen=True)
+class _Client:
+    """One process's client and collections."""
+
+    mongo: MongoClient[dict[str, Any]]
     leases: Collection[dict[str, Any]]
     fences: Collection[dict[str, Any]]
+    #: The server tells its time (mongod, mongos); else this process's clock.
+    server_clock: bool
+
+    def now(self) -> datetime:
+        if self.server_clock:
+            return _millis(self.mongo.admin.command("hello")["localTime"])
+        return _millis(utcnow())
 
 
 class MongoDBBackend(LockBackend):
@@ -133,6 +164,7 @@ class MongoDBBackend(LockBackend):
     """
 
     required_options = ("url",)
+    client_errors = (PyMongoError,)
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
@@ -141,153 +173,137 @@ class MongoDBBackend(LockBackend):
         self.url = str(self.options["url"])
         self.database = str(self.options.get("database") or DEFAULT_DATABASE)
         self.collection = str(self.options.get("collection") or DEFAULT_COLLECTION)
-        self._conn: _Connection | None = None
-        self._guard = threading.Lock()
-        self._guard_pid = os.getpid()
+        self._client: PerProcess[_Client] = PerProcess(
+            self._connect, close=lambda client: client.mongo.close())
 
     # -- the five operations ------------------------------------------------
 
     def acquire(self, name: str, capacity: int, holder: Holder, ttl: float) -> Lease | None:
         if capacity <= 0:
             return None
-        return self._run(lambda conn: self._acquire(conn, name, capacity, holder, ttl))
+        with self.translate_errors(name):
+            client = self._client.get()
+            sent_at = time.monotonic()
+            lease = self._acquire(client, name, capacity, holder, ttl, sent_at)
+        if lease is not None:
+            lease.confirm(sent_at, ttl)
+        return lease
 
-    def _acquire(self, conn: _Connection, name: str, capacity: int, holder: Holder,
-                 ttl: float) -> Lease | None:
-        now = _now()
-        docs = list(conn.leases.find({"name": name}, {"slot": 1, "expires_at": 1, "_id": 0}))
+    def _acquire(self, client: _Client, name: str, capacity: int, holder: Holder,
+                 ttl: float, sent_at: float) -> Lease | None:
+        now = client.now()
+        docs = list(client.leases.find({"name": name}, {"slot": 1, "expires_at": 1, "_id": 0}))
         if any(_aware(doc["expires_at"]) <= now for doc in docs):
-            conn.leases.delete_many({"name": name, "expires_at": {"$lte": now}})
+            client.leases.delete_many({"name": name, "expires_at": {"$lte": now}})
         live = {doc["slot"] for doc in docs if _aware(doc["expires_at"]) > now}
         if len(live) >= capacity:
             return None
         expires_at = _after(now, ttl)
         for slot in sorted(set(range(capacity)) - live):
             try:
-                doc_id = conn.leases.insert_one({
+                doc_id = client.leases.insert_one({
                     "name": name, "slot": slot, "token": GRANTING, **holder.as_dict(),
                     "acquired_at": now, "expires_at": expires_at, "ttl": float(ttl),
                 }).inserted_id
             except DuplicateKeyError:
                 continue  # taken since we looked: the server picked one winner
             # Judged with the earlier ``now`` so that anything live then is counted.
-            if conn.leases.count_documents(
+            if client.leases.count_documents(
                     {"name": name, "expires_at": {"$gt": now}}) > capacity:
-                conn.leases.delete_one({"_id": doc_id})
+                client.leases.delete_one({"_id": doc_id})
                 return None
-            token = self._next_token(conn, name)
-            # Our document may have expired and been reclaimed while we stalled.
-            if not conn.leases.update_one(
-                    {"_id": doc_id, "expires_at": {"$gt": _now()}},
-                    {"$set": {"token": token}}).matched_count:
+            token = self._next_token(client, name)
+            # Stalled past the TTL (by the monotonic clock, which runs out no
+            # later than the server's expiry): the slot may be someone else's
+            # by now, or soon; give it back. The document may also have been
+            # reclaimed meanwhile, then the update matches nothing.
+            if time.monotonic() >= sent_at + ttl or not client.leases.update_one(
+                    {"_id": doc_id}, {"$set": {"token": token}}).matched_count:
+                client.leases.delete_one({"_id": doc_id})
                 return None
             return Lease(name=name, slot=slot, token=token, holder=holder,
                          acquired_at=now, expires_at=expires_at, ttl=ttl,
                          backend=self.alias)
         return None
 
-    def _next_token(self, conn: _Connection, name: str) -> int:
+    def _next_token(self, client: _Client, name: str) -> int:
         update = {"$inc": {"last_token": 1}}
         try:
-            doc = conn.fences.find_one_and_update(
+            doc = client.fences.find_one_and_update(
                 {"_id": name}, update, upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             # Two first-ever upserts raced (servers before 4.2 do not retry
             # this themselves); the document exists now.
-            doc = conn.fences.find_one_and_update(
+            doc = client.fences.find_one_and_update(
                 {"_id": name}, update, return_document=ReturnDocument.AFTER)
         return int(doc["last_token"])
 
     def renew(self, lease: Lease) -> bool:
-        def renew(conn: _Connection) -> bool:
-            now = _now()
+        with self.translate_errors(lease.name):
+            client = self._client.get()
+            sent_at = time.monotonic()
+            now = client.now()
             expires_at = _after(now, lease.ttl)
-            result = conn.leases.update_one(
+            renewed = client.leases.update_one(
                 {"name": lease.name, "slot": lease.slot, "token": lease.token,
                  "expires_at": {"$gt": now}},
-                {"$set": {"expires_at": expires_at, "ttl": float(lease.ttl)}})
-            if result.matched_count:
-                lease.expires_at = expires_at
-            return bool(result.matched_count)
-
-        return self._run(renew)
+                {"$set": {"expires_at": expires_at, "ttl": float(lease.ttl)}}).matched_count
+        if renewed:
+            lease.expires_at = expires_at
+            lease.confirm(sent_at, lease.ttl)
+        return bool(renewed)
 
     def release(self, lease: Lease) -> None:
-        self._run(lambda conn: conn.leases.delete_one(
-            {"name": lease.name, "slot": lease.slot, "token": lease.token}))
+        with self.translate_errors(lease.name):
+            self._client.get().leases.delete_one(
+                {"name": lease.name, "slot": lease.slot, "token": lease.token})
 
     def holders(self, name: str) -> list[Lease]:
-        docs = self._run(lambda conn: list(conn.leases.find(
-            {"name": name, "token": {"$gt": GRANTING}, "expires_at": {"$gt": _now()}},
-            sort=[("slot", ASCENDING)])))
+        with self.translate_errors(name):
+            client = self._client.get()
+            docs = list(client.leases.find(
+                {"name": name, "token": {"$gt": GRANTING}, "expires_at": {"$gt": client.now()}},
+                sort=[("slot", ASCENDING)]))
         return [self._lease(doc) for doc in docs]
 
     def force_release(self, name: str, token: int) -> bool:
         if int(token) <= GRANTING:
             return False  # would match a document still being granted
-        return self._run(lambda conn: bool(conn.leases.delete_one(
-            {"name": name, "token": int(token), "expires_at": {"$gt": _now()}}).deleted_count))
+        with self.translate_errors(name):
+            client = self._client.get()
+            return bool(client.leases.delete_one(
+                {"name": name, "token": int(token),
+                 "expires_at": {"$gt": client.now()}}).deleted_count)
 
     def close(self) -> None:
-        with self._lock():
-            conn, self._conn = self._conn, None
-        # Another process's connections are not ours to shut down.
-        if conn is not None and conn.pid == os.getpid():
-            conn.client.close()
+        self._client.close()
 
     def describe(self) -> str:
         return f"mongodb {mask_url(self.url)} {self.database}.{self.collection}"
 
     # -- helpers ---------------------------------------------------------------
 
-    def _lock(self) -> threading.Lock:
-        # A lock inherited through fork may be held by a thread that does not
-        # exist in the child; the child starts with a fresh one.
-        if self._guard_pid != os.getpid():
-            self._guard = threading.Lock()
-            self._guard_pid = os.getpid()
-        return self._guard
-
-    def _connection(self) -> _Connection:
-        conn = self._conn
-        pid = os.getpid()
-        if conn is not None and conn.pid == pid:
-            return conn
-        with self._lock():
-            conn = self._conn
-            if conn is not None and conn.pid == pid:
-                return conn
-            # A client inherited through fork is dropped unclosed: pymongo
-            # clients are not fork-safe, and the parent still uses its sockets.
-            client: MongoClient[dict[str, Any]] = MongoClient(
-                self.url, tz_aware=True, **self._timeouts())
-            database = client[self.database]
-            leases = database[self.collection]
-            try:
-                leases.create_index([("name", ASCENDING), ("slot", ASCENDING)], unique=True)
-                leases.create_index([("name", ASCENDING), ("token", ASCENDING)])
-                leases.create_index([("expires_at", ASCENDING)],
-                                    expireAfterSeconds=GC_AFTER_SECONDS)
-            except PyMongoError:
-                client.close()  # else every failed attempt leaves monitor threads behind
-                raise
-            conn = _Connection(pid=pid, client=client, leases=leases,
-                               fences=database[f"{self.collection}.fences"])
-            self._conn = conn
-            return conn
+    def _connect(self) -> _Client:
+        mongo: MongoClient[dict[str, Any]] = MongoClient(self.url, tz_aware=True,
+                                                         **self._timeouts())
+        try:
+            leases = mongo[self.database][self.collection]
+            leases.create_index([("name", ASCENDING), ("slot", ASCENDING)], unique=True)
+            leases.create_index([("name", ASCENDING), ("token", ASCENDING)])
+            leases.create_index([("expires_at", ASCENDING)], expireAfterSeconds=GC_AFTER_SECONDS)
+            server_clock = _tells_time(mongo.admin)
+        except PyMongoError:
+            mongo.close()  # else every failed attempt leaves monitor threads behind
+            raise
+        return _Client(mongo=mongo, leases=leases,
+                       fences=mongo[self.database][f"{self.collection}.fences"],
+                       server_clock=server_clock)
 
     def _timeouts(self) -> dict[str, int]:
         given = {key.lower() for key, _ in parse_qsl(urlsplit(self.url).query)}
         return {key: DEFAULT_TIMEOUT_MS
                 for key in ("serverSelectionTimeoutMS", "connectTimeoutMS", "socketTimeoutMS")
                 if key.lower() not in given}
-
-    def _run(self, operation: Callable[[_Connection], T]) -> T:
-        try:
-            return operation(self._connection())
-        except PyMongoError as e:
-            raise LockError(f"mongodb lock backend {self.alias!r} "
-                            f"({mask_url(self.url)}): {e}") from e
 
     def _lease(self, doc: Mapping[str, Any]) -> Lease:
         return Lease(

@@ -172,22 +172,14 @@ end
 return 0
 """
 
-# Withdraws the grant of one acquire request whose reply never arrived.
-_WITHDRAW = """
+# Deletes the live record of a token (force release, ARGV[1]) or of an acquire
+# request (withdrawal of a grant whose reply was lost, ARGV[2]); the other
+# argument is "-", which matches no record.
+_DELETE = _NOW + """
 local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do
-  if string.match(flat[i + 1], '^%d+:%d+:%d+:%d+:(%x+):') == ARGV[1] then
-    return redis.call('HDEL', KEYS[1], flat[i])
-  end
-end
-return 0
-"""
-
-_FORCE_RELEASE = _NOW + """
-local flat = redis.call('HGETALL', KEYS[1])
-for i = 1, #flat, 2 do
-  local token, expires = string.match(flat[i + 1], '^(%d+):%d+:(%d+):')
-  if token == ARGV[1] and tonumber(expires) > now then
+  local token, expires, request = string.match(flat[i + 1], '^(%d+):%d+:(%d+):%d+:(%x+):')
+  if (token == ARGV[1] or request == ARGV[2]) and tonumber(expires) > now then
     return redis.call('HDEL', KEYS[1], flat[i])
   end
 end
@@ -296,7 +288,7 @@ class RedisBackend(LockBackend):
     def force_release(self, name: str, token: int) -> bool:
         slots, _ = self._keys(name)
         with self.translate_errors(name):
-            return bool(self._client.get().force_release(keys=[slots], args=[int(token)]))
+            return bool(self._client.get().force_release(keys=[slots], args=[int(token), "-"]))
 
     def close(self) -> None:
         self._client.close()
@@ -327,7 +319,7 @@ class RedisBackend(LockBackend):
             acquire=client.register_script(_ACQUIRE),
             renew=client.register_script(_RENEW),
             release=client.register_script(_RELEASE),
-            force_release=client.register_script(_FORCE_RELEASE),
+            force_release=client.register_script(_DELETE),
             holders=client.register_script(_HOLDERS),
         )
 
@@ -337,7 +329,7 @@ class RedisBackend(LockBackend):
         try:
             # EVAL with the body, not EVALSHA: this rarely used script may not
             # be in the server's cache, and a NOSCRIPT reply would be lost too.
-            client.redis.eval(_WITHDRAW, 1, slots, request)
+            client.redis.eval(_DELETE, 1, slots, "-", request)
         except redis.RedisError as e:
             # The acquire raises anyway; the slot, if granted, ends with its TTL.
             logger.warning("lock %r: no answer to the withdrawal of an acquire whose reply "
