@@ -18,6 +18,11 @@ Guarantees:
   lists, tuples, sets): values under secret-looking keys become :data:`MASK`
   whatever their type, and every string inside goes through :func:`mask_text`.
   The input is never modified.
+* Time linear in the length of the text (the worker masks inside its
+  ``task_failure`` handler): no pattern is tried at every character of a run
+  or re-split on failure. With ``limit=`` (the caller shows a prefix), the
+  cost is bounded by the limit: the text is cut before masking, and a secret
+  the cut falls into is masked all the same.
 
 Masking errs on the side of hiding: a key like ``author_token`` is masked too.
 Secrets with no recognisable shape (a password passed as a bare positional
@@ -45,20 +50,49 @@ SECRET_NAME = (
 )
 _SECRET_KEY_RE = re.compile(SECRET_NAME, re.I)
 
-# scheme://user:password@  (the user part may be empty: redis://:pw@host)
-_URL_USERINFO_RE = re.compile(
-    r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*):(?P<password>[^\s@/]*)@", re.I)
+# ://user:password@ (the user part may be empty: redis://:pw@host). Anchored
+# at the "://" behind a scheme character, not at the scheme's first letter:
+# scanning for a scheme from every letter of a long run ("a.a.a...") is what
+# made the pattern quadratic. Starting with the literal lets the regex engine
+# jump from one "://" to the next; possessive quantifiers read each run once
+# and never re-split it on failure, so the time is linear in the text.
+_URL_USERINFO = r"(?P<head>://(?<=[a-z0-9+.-]://)[^\s:/@]*+):(?P<password>[^\s@/]*+)"
+_URL_USERINFO_RE = re.compile(_URL_USERINFO + "@", re.I)
 
 # key=value, "key": "value", 'key': 'value', key: value -- for keys that look
 # like secrets; is_secret_key has the last word, so both places agree. Only
 # such keys are matched: a match consumes its value, which must not swallow a
-# secret pair behind an ordinary one.
-_KEY_HINT = (r"pass|pwd|secret|token|api[_-]?key|credential|private[_-]?key"
-             r"|access[_-]?key|session[_-]?id|cookie|signature|auth")
-_KEY_VALUE_RE = re.compile(
-    rf"""(?P<key>[\w.-]*(?:{_KEY_HINT})[\w.-]*)(?P<sep>['"]?\s*[:=]\s*)"""
-    r"""(?:'(?P<single>[^']*)'|"(?P<double>[^"]*)"|(?P<bare>[^\s,;&'"()\[\]{}<>]+))""",
-    re.I)
+# secret pair behind an ordinary one. A key is a whole run of [\w.-] holding
+# a hint word. Trying a pattern at every character of a long run and
+# re-splitting the run on failure made the old pattern quadratic: now
+# _mask_pairs finds the hint words with str.find and matches the pattern once
+# per run holding one, from the run's start; the run is taken possessively.
+_HINT_WORDS = ("pass", "pwd", "secret", "token", "api", "credential", "private", "access",
+               "session", "cookie", "signature", "auth")
+# The non-ASCII letters re.IGNORECASE equates with an ASCII one (Python's re
+# documentation names these four), folded so a lower-cased copy finds them too.
+_ASCII_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_RUN_RE = re.compile(r"[\w.-]*+")
+_KEY = r"""(?<![\w.-])(?P<key>[\w.-]++)"""
+_SEP = r"""(?P<sep>['"]?\s*+[:=]\s*+)"""
+_BARE = r"""(?P<bare>[^\s,;&'"()\[\]{}<>]++)"""
+
+
+def _pair_pattern(quote_end: str) -> re.Pattern[str]:
+    return re.compile(rf"""{_KEY}{_SEP}(?:'(?P<single>[^']*+)(?:'{quote_end})"""
+                      rf"""|"(?P<double>[^"]*+)(?:"{quote_end})|{_BARE})""", re.I)
+
+
+_KEY_VALUE_RE = _pair_pattern("")
+
+# The same two patterns for a text cut short (see mask_text's ``limit``): the
+# end of the text may fall inside a password or a quoted value, so the end
+# counts as the closing "@" or quote and the piece before it is masked.
+_URL_USERINFO_CUT_RE = re.compile(_URL_USERINFO + r"(?:@|\Z)", re.I)
+_KEY_VALUE_CUT_RE = _pair_pattern(r"|\Z")
+
+#: What ends a text that ``mask_text(..., limit=...)`` had to cut.
+ELLIPSIS = "..."
 
 #: Literal secrets shorter than this are not searched for in text: replacing
 #: every "ab" in a message would destroy it without protecting anything.
@@ -135,18 +169,103 @@ def _mask_pair(match: re.Match[str]) -> str:
     return f"{match.group('key')}{match.group('sep')}{value}"
 
 
-def mask_text(text: str, secrets: Iterable[str | None] = ()) -> str:
+def _mask_userinfo(match: re.Match[str]) -> str:
+    at = "@" if match.group(0).endswith("@") else ""  # no "@" where a cut text ended
+    return f"{match.group('head')}:{MASK}{at}"
+
+
+def _literals(secrets: Iterable[str | None]) -> list[str]:
+    # Longest first: a secret containing another is replaced whole.
+    return sorted({s for s in secrets if s and len(s) >= MIN_LITERAL_SECRET},
+                  key=len, reverse=True)
+
+
+def _hint_positions(text: str) -> list[int]:
+    """Where a hint word starts in ``text``, ignoring case as ``re.I`` does."""
+    folded = text.translate(_ASCII_FOLD).lower()
+    if len(folded) != len(text):  # a letter lower-cased to two: keep one per position
+        folded = "".join(char.lower()[:1] for char in text)
+    found = set()
+    for word in _HINT_WORDS:
+        at = folded.find(word)
+        while at != -1:
+            found.add(at)
+            at = folded.find(word, at + 1)
+    return sorted(found)
+
+
+def _mask_pairs(text: str, pair_re: re.Pattern[str]) -> str:
+    """Every secret-looking ``key=value`` pair in ``text`` masked (``_mask_pair``).
+
+    Left to right as ``re.sub`` goes, but the pattern is matched only at the
+    start of each run of [\\w.-] that holds a hint word, found with
+    ``str.find``; the regex engine is not started at every character.
+    """
+    reversed_text = ""
+    parts: list[str] = []
+    done = 0  # text[:done] is in parts
+    for hint in _hint_positions(text):
+        if hint < done:
+            continue  # inside a run already tried or a value already masked
+        if not reversed_text:
+            reversed_text = text[::-1]  # to find a run's start with one forward match
+        back = len(text) - hint
+        start = hint - (_RUN_RE.match(reversed_text, back).end() - back)
+        match = pair_re.match(text, start)
+        if match is None:
+            # No pair starts at this run; its other hints would try the same start.
+            end = _RUN_RE.match(text, hint).end()
+            parts.append(text[done:end])
+        else:
+            end = match.end()
+            parts += [text[done:start], _mask_pair(match)]
+        done = end
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+def _mask(text: str, literals: list[str], *, cut: bool = False) -> str:
+    url_re, pair_re = ((_URL_USERINFO_CUT_RE, _KEY_VALUE_CUT_RE) if cut
+                       else (_URL_USERINFO_RE, _KEY_VALUE_RE))
+    text = url_re.sub(_mask_userinfo, text)
+    text = _mask_pairs(text, pair_re)
+    for secret in literals:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def mask_text(text: str, secrets: Iterable[str | None] = (), *,
+              limit: int | None = None) -> str:
     """Free text (an error message, a repr) with every secret in it masked.
 
     ``secrets`` are literal strings to hide as well, e.g. the broker password
-    a client library might print without the URL around it.
+    a client library might print without the URL around it. The time is linear
+    in the length of the text.
+
+    ``limit``: the caller shows at most this many characters. The result is
+    then at most ``limit`` long and ends in :data:`ELLIPSIS` when shortened.
+    A longer text is cut *before* masking, to a window of ``2 * limit`` plus
+    the longest literal secret, so the cost is bounded by ``limit`` whatever
+    the input. A secret the cut falls into is still masked: the cut end counts
+    as the end of a password or quoted value, and the characters where a
+    literal secret may have been cut off are dropped. Only a prefix is shown
+    this way; a caller showing a suffix masks the whole text (a quoted secret
+    may open anywhere before a cut at the front).
     """
-    text = _URL_USERINFO_RE.sub(lambda m: f"{m.group('head')}:{MASK}@", text)
-    text = _KEY_VALUE_RE.sub(_mask_pair, text)
-    for secret in sorted({s for s in secrets if s and len(s) >= MIN_LITERAL_SECRET},
-                         key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
+    literals = _literals(secrets)
+    if limit is None:
+        return _mask(text, literals)
+    longest = len(literals[0]) if literals else 0
+    window = 2 * limit + longest
+    cut = len(text) > window
+    if cut:
+        masked = _mask(text[:window], literals, cut=True)
+        masked = masked[:len(masked) - max(longest - 1, 0)]
+    else:
+        masked = _mask(text, literals)
+    if cut or len(masked) > limit:
+        masked = (masked[:max(limit - len(ELLIPSIS), 0)] + ELLIPSIS)[:limit]
+    return masked
 
 
 def mask_secrets(obj: Any, secrets: Iterable[str | None] = (), *, _depth: int = 0) -> Any:
