@@ -1,7 +1,9 @@
 """Demo settings: runs with no server at all, or on real brokers via env vars.
 
-Embedded defaults: SQLite, Celery's ``filesystem://`` transport (fanout works,
-so ``inspect`` does), file result backend, the database lock backend.
+Embedded defaults: SQLite, the ``filesystem://`` broker (fanout works, so
+``inspect`` does) on the project's transport that writes each message whole
+(``django_celery_adv.transports.filesystem``: kombu's own can hand a worker a
+half-written file, kombu #1551), file result backend, the database lock backend.
 ``DEMO_DEFAULT_BROKER`` / ``DEMO_GLOBAL_BROKER`` switch an app to a Redis,
 RabbitMQ or MongoDB URL (its result backend follows: Redis and MongoDB keep
 results in the same server, RabbitMQ uses ``rpc://``).
@@ -69,6 +71,7 @@ def filesystem_app(alias: str) -> dict:
     (VAR_DIR / "results" / alias).mkdir(parents=True, exist_ok=True)
     return {
         "broker_url": "filesystem://",
+        "broker_transport": "django_celery_adv.transports.filesystem:Transport",
         "broker_transport_options": {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
