@@ -1,34 +1,110 @@
-"""One fixture per lock backend, each on its real server (MongoDB: see tests/mongo_locks)."""
+"""Lock backends for the tests, each on its real server, described by capabilities.
+
+A test asks for ``backend_name`` (or ``backend``, an instance of it) and gets
+one run per backend; ``@pytest.mark.capability("ttl_expiry")`` narrows that to
+the backends that have the capability (a backend without it is not collected,
+not skipped). MongoDB runs on mongomock unless ``MONGODB_URL`` names a mongod.
+
+Markers are applied here, not by hand: ``django_db(transaction=True)`` only on
+tests that touch the database (parameterised with the database backend, in a
+``test_database*`` module, or using a fixture of :data:`DATABASE_FIXTURES`:
+lock policies, the lock registry, workers), ``workers`` on every test that starts a worker process.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import pytest
 from django.conf import settings
 
 from django_celery_adv.locks.backends import create_backend
+from django_celery_adv.locks.backends.base import LockBackend
 
 ALL_BACKENDS = ["database", "redis", "zookeeper", "etcd", "mongodb"]
+
+#: What each backend guarantees beyond the common contract.
+#:
+#: ``ttl_expiry``: a lease that is not renewed ends by its TTL (ZooKeeper's end
+#: with the client session instead); ``survives_restart_tokens``: fencing tokens
+#: keep growing across a server restart; ``cross_process``: a second process can
+#: reach the same server (not mongomock); ``password``: the connection settings
+#: can carry a password, which must never be shown.
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "database": frozenset({"ttl_expiry", "survives_restart_tokens", "cross_process",
+                           "password"}),
+    "redis": frozenset({"ttl_expiry", "cross_process", "password"}),
+    "zookeeper": frozenset({"survives_restart_tokens", "cross_process"}),
+    "etcd": frozenset({"ttl_expiry", "survives_restart_tokens", "cross_process"}),
+    "mongodb": frozenset({"ttl_expiry", "password"}
+                         | ({"cross_process"} if settings.MONGODB_URL else set())),
+}
 #: Backends whose leases end by TTL; ZooKeeper's end with the client session.
-TTL_BACKENDS = ["database", "redis", "etcd", "mongodb"]
+TTL_BACKENDS = [b for b in ALL_BACKENDS if "ttl_expiry" in CAPABILITIES[b]]
+#: Backends a separate process can reach: mongomock lives in one process only.
+PROCESS_BACKENDS = [b for b in ALL_BACKENDS if "cross_process" in CAPABILITIES[b]]
+
+#: Fixtures that read or write the database (lock policies, the registry, workers).
+DATABASE_FIXTURES = {"registry_backends", "lock_policy", "db", "transactional_db",
+                     "worker_pool", "default_worker", "global_worker", "twin_worker",
+                     "victim_worker"}
+#: Fixtures that start a real worker process.
+WORKER_FIXTURES = {"worker_pool", "default_worker", "global_worker", "twin_worker",
+                   "victim_worker"}
 
 
-def pytest_collection_modifyitems(items):
-    # The database backend commits from several threads: real transactions.
+def backends_with(*capabilities: str) -> list[str]:
+    return [b for b in ALL_BACKENDS if set(capabilities) <= CAPABILITIES[b]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "capability(*names): run only on lock backends that have every capability")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" not in metafunc.fixturenames:
+        return
+    wanted = [name for marker in metafunc.definition.iter_markers("capability")
+              for name in marker.args]
+    metafunc.parametrize("backend_name", backends_with(*wanted))
+
+
+def _uses_database(item: pytest.Item) -> bool:
+    if "database" in item.path.name:  # test_database_backend.py and its fault tests
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "database" in callspec.params.values():
+        return True
+    return bool(DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/locks/" in str(item.fspath):
+        if "tests/locks/" not in str(item.fspath):
+            continue
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.workers)
+        # The database backend commits from several threads and processes:
+        # real transactions, not a test transaction that others cannot see.
+        if _uses_database(item) and item.get_closest_marker("django_db") is None:
             item.add_marker(pytest.mark.django_db(transaction=True))
 
 
 def backend_params(alias: str) -> dict:
-    return settings.CELERY_ADV["LOCK_BACKENDS"]["default" if alias == "database" else alias]
+    return settings.CELERY_ADV["LOCK_BACKENDS"][registry_alias(alias)]
+
+
+def registry_alias(backend: str) -> str:
+    """The ``LOCK_BACKENDS`` alias of a backend in the test settings."""
+    return "default" if backend == "database" else backend
 
 
 @contextlib.contextmanager
-def mongo_client_patch():
+def mongo_client_patch() -> Iterator[str]:
     """mongomock in place of pymongo unless MONGODB_URL names a real mongod."""
     if settings.MONGODB_URL:
         yield "mongod"
@@ -51,19 +127,23 @@ def clean_lock_servers():
     keys = list(client.scan_iter(f"{prefix}*"))
     if keys:
         client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture
-def make_backend(request):
-    """Factory: a fresh backend instance for the alias, closed after the test."""
+def make_backend(request) -> Iterator[Callable[..., LockBackend]]:
+    """Factory: a fresh backend instance for the alias (settings OPTIONS, updated by
+    keyword arguments), closed after the test."""
     made = []
     stack = contextlib.ExitStack()
 
-    def make(alias: str):
-        if alias == "mongodb" and not made:
+    def make(alias: str, **options) -> LockBackend:
+        if alias == "mongodb" and not any(b.alias == "mongodb" for b in made):
             mode = stack.enter_context(mongo_client_patch())
             request.node.user_properties.append(("mongodb", mode))
-        backend = create_backend(alias, backend_params(alias))
+        params = backend_params(alias)
+        params = {**params, "OPTIONS": {**(params.get("OPTIONS") or {}), **options}}
+        backend = create_backend(alias, params)
         made.append(backend)
         return backend
 
@@ -73,14 +153,9 @@ def make_backend(request):
     stack.close()
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request, make_backend):
-    return make_backend(request.param)
-
-
-@pytest.fixture(params=TTL_BACKENDS)
-def ttl_backend(request, make_backend):
-    return make_backend(request.param)
+@pytest.fixture
+def backend(backend_name, make_backend) -> LockBackend:
+    return make_backend(backend_name)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -12,7 +11,6 @@ from unittest import mock
 import pytest
 import redis
 from django.conf import settings
-from django.db import connections
 
 from django_celery_adv.exceptions import LockError
 from django_celery_adv.locks import lock
@@ -20,15 +18,15 @@ from django_celery_adv.locks.backends import create_backend, lock_backends
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.locks.definitions import policies
 from django_celery_adv.models import LockDefinition
-from tests.locks.conftest import ALL_BACKENDS, backend_params, mongo_client_patch
+from tests.locks.conftest import (
+    ALL_BACKENDS,
+    PROCESS_BACKENDS,
+    backend_params,
+    mongo_client_patch,
+    registry_alias,
+)
+from tests.locks.contention import contend_processes
 from tests.workers import WorkerProcess
-
-#: Backends a separate process can reach: mongomock lives in one process only.
-PROCESS_BACKENDS = [b for b in ALL_BACKENDS if b != "mongodb" or settings.MONGODB_URL]
-
-
-def registry_alias(backend: str) -> str:
-    return "default" if backend == "database" else backend
 
 
 @pytest.fixture
@@ -44,45 +42,18 @@ def registry_backends():
 
 # -- 16 processes, one lock of capacity K, an independent counter ---------------
 
-def _contend(alias: str, name: str, capacity: int, rounds: int, key: str) -> None:
-    backend = create_backend(alias, backend_params(alias))
-    counter = redis.Redis.from_url(settings.REDIS_URL)
-    done = 0
-    while done < rounds:
-        lease = backend.acquire(name, capacity, Holder(task_id=f"p{os.getpid()}"), 30)
-        if lease is None:
-            time.sleep(0.003)
-            continue
-        counter.rpush(f"{key}:seen", counter.incr(f"{key}:now"))
-        time.sleep(0.002)
-        counter.decr(f"{key}:now")
-        backend.release(lease)
-        done += 1
-    backend.close()
-    connections.close_all()
-
-
 @pytest.mark.parametrize("alias", PROCESS_BACKENDS)
 def test_sixteen_processes_never_exceed_capacity(alias, lock_name):
     capacity, processes, rounds = 3, 16, 8
-    counter = redis.Redis.from_url(settings.REDIS_URL)
-    key = f"stress:{lock_name}"
-    connections.close_all()  # the children must not share the parent's socket
-    context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_contend,
-                                args=(alias, lock_name, capacity, rounds, key))
-                for _ in range(processes)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(180)
+    seen = contend_processes(lambda: create_backend(alias, backend_params(alias)), lock_name,
+                             capacity, processes=processes, rounds=rounds)
 
-    assert [child.exitcode for child in children] == [0] * processes
-    seen = [int(n) for n in counter.lrange(f"{key}:seen", 0, -1)]
-    counter.delete(f"{key}:seen", f"{key}:now")
-    assert len(seen) == processes * rounds
-    assert max(seen) <= capacity
-    assert max(seen) >= 2  # there was real contention to get right
+    assert not seen.errors, seen.errors[0]
+    assert seen.exitcodes == [0] * processes
+    assert seen.grants == processes * rounds
+    assert seen.over == 0 and seen.peak <= capacity
+    assert seen.peak >= 2  # there was real contention to get right
+    assert len(set(seen.tokens)) == len(seen.tokens)
 
 
 # -- a worker holding a ticket is SIGKILLed ----------------------------------
