@@ -8,6 +8,7 @@ import re
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import IntegrityError, models
+from django.utils.deconstruct import deconstructible
 
 #: Safe as a Redis key part, a ZooKeeper node, an etcd key and a MongoDB value.
 LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -59,6 +60,40 @@ class LockLease(models.Model):
         return f"{self.name}[{self.slot}] #{self.token}"
 
 
+#: ``CELERY_ADV["LOCK_DEFAULTS"]`` key -> the LockDefinition field it gives the default of.
+LOCK_DEFAULT_FIELDS = {"TTL": "ttl", "RETRY_COUNTDOWN": "retry_countdown",
+                       "RETRY_JITTER": "retry_jitter", "RETRY_BACKOFF": "retry_backoff",
+                       "WAIT": "wait", "MAX_RETRIES": "max_retries"}
+
+
+@deconstructible(path="django_celery_adv.models.LockDefault")
+class LockDefault:
+    """A field default read from the merged ``LOCK_DEFAULTS`` setting when a row is made.
+
+    So the admin add form and ``objects.create()`` start from the project's
+    settings (``override_settings`` included), not from a number frozen in the
+    model. Deconstructible: migrations store ``LockDefault('TTL')``, not a value.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self) -> object:
+        from . import conf
+
+        library = conf.DEFAULTS["LOCK_DEFAULTS"]
+        merged = conf.get("LOCK_DEFAULTS")
+        # A malformed setting (the checks report it, E013) leaves the library's value.
+        return merged.get(self.key, library[self.key]) if isinstance(merged, dict) \
+            else library[self.key]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LockDefault) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
 def lock_backend_choices() -> list[tuple[str, str]]:
     from . import conf
 
@@ -69,7 +104,9 @@ class LockDefinition(models.Model):
     """A lock the code uses, as operators tune it in the admin: the row wins.
 
     A name used in code with no row gets one created with the code's defaults,
-    so the admin lists every lock in use. Running workers pick up edits within
+    so the admin lists every lock in use. A new row (admin add form,
+    ``objects.create()``) starts from ``CELERY_ADV["LOCK_DEFAULTS"]``
+    (:class:`LockDefault`). Running workers pick up edits within
     ``definitions.CHECK_SECONDS`` without a restart (see ``LockDefinitionChange``).
     """
 
@@ -84,19 +121,23 @@ class LockDefinition(models.Model):
     capacity = models.PositiveIntegerField(
         default=1, help_text="How many may hold it at once; 0 pauses it (nothing new granted).")
     ttl = models.FloatField(
-        "lease TTL (s)", default=60, validators=[MinValueValidator(1)],
+        "lease TTL (s)", default=LockDefault("TTL"), validators=[MinValueValidator(1)],
         help_text="A holder that stops renewing loses its slot after this many seconds.")
-    retry_countdown = models.FloatField("retry countdown (s)", default=5,
+    retry_countdown = models.FloatField("retry countdown (s)",
+                                        default=LockDefault("RETRY_COUNTDOWN"),
                                         validators=[MinValueValidator(0)])
-    retry_jitter = models.FloatField("retry jitter (s)", default=1,
+    retry_jitter = models.FloatField("retry jitter (s)", default=LockDefault("RETRY_JITTER"),
                                      validators=[MinValueValidator(0)])
     retry_backoff = models.BooleanField(
-        default=False, help_text="Double the countdown with each retry (capped at 10x).")
+        default=LockDefault("RETRY_BACKOFF"),
+        help_text="Double the countdown with each retry (capped at 10x).")
     wait = models.FloatField(
-        "wait in the worker (s)", default=5.0, validators=[MinValueValidator(0)],
+        "wait in the worker (s)", default=LockDefault("WAIT"),
+        validators=[MinValueValidator(0)],
         help_text="How long a busy task polls for a slot before going back to the queue.")
     max_retries = models.PositiveIntegerField(
-        blank=True, null=True, help_text="Lock retries before LockUnavailable; empty = forever.")
+        blank=True, null=True, default=LockDefault("MAX_RETRIES"),
+        help_text="Lock retries before LockUnavailable; empty = forever.")
     on_busy = models.CharField(max_length=10, choices=OnBusy.choices, default=OnBusy.RETRY)
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
