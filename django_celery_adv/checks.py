@@ -59,8 +59,6 @@ TRANSPORT_CLIENTS = {
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671,
                  "pyamqp": 5672, "mongodb": 27017}
 AMQP_SCHEMES = {"amqp", "amqps", "pyamqp", "librabbitmq"}
-LOCK_DEFAULT_KEYS = {"TTL", "RETRY_COUNTDOWN", "RETRY_JITTER", "RETRY_BACKOFF", "WAIT",
-                     "MAX_RETRIES"}
 
 
 def _error(number: str, msg: str, hint: str | None = None, obj: str = "CELERY_ADV") -> Error:
@@ -278,26 +276,48 @@ def check_lock_backends(backends: Any) -> list[CheckMessage]:
 
 
 def check_lock_defaults(defaults: Any) -> list[CheckMessage]:
+    """Each ``LOCK_DEFAULTS`` value must pass the validators of the model field it fills.
+
+    One source of bounds: ``LockDefinition``'s fields (``LOCK_DEFAULT_FIELDS``)
+    and their validators, so a setting the check accepts is a value the admin
+    would save, and the reverse.
+    """
+    from .models import LOCK_DEFAULT_FIELDS, LockDefinition
+
     obj = "CELERY_ADV['LOCK_DEFAULTS']"
     if not isinstance(defaults, dict):
         return [_error("E013", f"{obj} must be a dict.", obj=obj)]
     messages = [_error("E013", f"{obj} has an unknown key {key!r}.",
-                       hint=f"Known keys: {', '.join(sorted(LOCK_DEFAULT_KEYS))}.", obj=obj)
-                for key in sorted(set(defaults) - LOCK_DEFAULT_KEYS)]
-    rules = {
-        "TTL": (lambda v: _number(v) and v >= 1, "a number of seconds >= 1"),
-        "RETRY_COUNTDOWN": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
-        "RETRY_JITTER": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
-        "RETRY_BACKOFF": (lambda v: isinstance(v, bool), "True or False"),
-        "WAIT": (lambda v: _number(v) and v >= 0, "a number of seconds >= 0"),
-        "MAX_RETRIES": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                                and v >= 0), "None (forever) or an int >= 0"),
-    }
-    for key, (valid, expected) in rules.items():
-        if key in defaults and not valid(defaults[key]):
-            messages.append(_error("E013", f"{obj}[{key!r}] is {defaults[key]!r}; expected "
-                                           f"{expected}.", obj=obj))
+                       hint=f"Known keys: {', '.join(sorted(LOCK_DEFAULT_FIELDS))}.", obj=obj)
+                for key in sorted(set(defaults) - set(LOCK_DEFAULT_FIELDS))]
+    for key, field_name in LOCK_DEFAULT_FIELDS.items():
+        if key in defaults:
+            field = LockDefinition._meta.get_field(field_name)
+            problem = _field_problem(field, defaults[key])
+            if problem:
+                messages.append(_error("E013", f"{obj}[{key!r}] is {defaults[key]!r}: "
+                                               f"{problem}", obj=obj))
     return messages
+
+
+def _field_problem(field: Any, value: Any) -> str | None:
+    """Why ``value`` fails ``field``'s type or validators (the admin's words); None if not."""
+    from django.core.exceptions import ValidationError
+    from django.db import models
+
+    if isinstance(field, models.BooleanField):
+        return None if isinstance(value, bool) else "expected True or False."
+    if value is None and field.null:
+        return None
+    integer = isinstance(field, models.IntegerField)
+    if isinstance(value, bool) or not (isinstance(value, int) if integer else _number(value)):
+        expected = "an int" if integer else "a number of seconds"
+        return f"expected {'None (forever) or ' if field.null else ''}{expected}."
+    try:
+        field.run_validators(value)
+    except ValidationError as e:
+        return " ".join(e.messages)
+    return None
 
 
 # -- LOGGING and scalars ------------------------------------------------------
