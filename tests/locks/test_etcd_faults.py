@@ -14,6 +14,7 @@ loses replies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -71,7 +72,7 @@ def test_renewals_racing_polling_acquirers_never_give_two_holders(make):
     guard = threading.Lock()
     claims = dict.fromkeys(names, 0.0)  # monotonic end of the current holder's validity
     overlaps: list[str] = []
-    counts = {"grants": 0, "renewed": 0, "refused": 0}
+    counts = {"grants": 0, "renewed": 0, "refused": 0, "errors": 0}
     errors: list[BaseException] = []
 
     def contender(name: str, ttl: int, seed: int) -> None:
@@ -79,7 +80,11 @@ def test_renewals_racing_polling_acquirers_never_give_two_holders(make):
         try:
             while time.monotonic() < deadline:
                 sent = time.monotonic()
-                lease = backend.acquire(name, 1, holder(f"{name}-{seed}"), ttl)
+                try:
+                    lease = backend.acquire(name, 1, holder(f"{name}-{seed}"), ttl)
+                except LockError:  # a timeout on a loaded machine: not what we test
+                    counts["errors"] += 1
+                    continue
                 if lease is None:
                     time.sleep(0.003)
                     continue
@@ -93,7 +98,12 @@ def test_renewals_racing_polling_acquirers_never_give_two_holders(make):
                 for _ in range(rnd.randint(2, 5)):
                     time.sleep(ttl * rnd.uniform(0.75, 1.15))  # now and then just too late
                     sent = time.monotonic()
-                    if not backend.renew(lease):
+                    try:
+                        renewed = backend.renew(lease)
+                    except LockError:
+                        counts["errors"] += 1
+                        break
+                    if not renewed:
                         counts["refused"] += 1
                         break
                     with guard:
@@ -102,7 +112,8 @@ def test_renewals_racing_polling_acquirers_never_give_two_holders(make):
                 else:
                     with guard:
                         claims[name] = 0.0  # gives it up before releasing
-                backend.release(lease)
+                with contextlib.suppress(LockError):
+                    backend.release(lease)
         except BaseException as e:
             errors.append(e)
 
@@ -118,6 +129,7 @@ def test_renewals_racing_polling_acquirers_never_give_two_holders(make):
     assert not overlaps, overlaps
     # The experiment happened: grants, renewals that held, and late ones refused.
     assert counts["grants"] >= len(names) and counts["renewed"] >= 4 and counts["refused"] >= 1
+    assert counts["errors"] <= counts["grants"], counts
 
 
 def test_renewal_past_the_lease_validity_is_refused_and_frees_the_slot(make):
