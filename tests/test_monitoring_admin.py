@@ -316,6 +316,6 @@ def test_force_release_on_a_backend_that_is_down_is_a_message(client):
 
     assert response.status_code == 302 and response["Location"] == reverse(LOCKS_URL)
     [message] = [str(message) for message in page.context["messages"]]
-    assert message.startswith("mon-unreachable: nothing released: "), message
+    assert message.startswith("mon-unreachable: ") and "Connection refused" in message
     assert LOCK_SECRET not in message and "down" in message
     assert not LogEntry.objects.exists()
