@@ -20,11 +20,16 @@ E014    ``LOGGING`` (global, or an app's own) is not None, a dict, or an
         importable callable
 E015    ``INSPECT_TIMEOUT``, ``RECORD_FAILURES`` or
         ``FAILURE_RETENTION_DAYS`` has a bad value
+E016    the kombu transport of an app's broker cannot be imported (a
+        module it needs is missing: the worker would die at start-up)
 W001    an app sets a key that is not a Celery setting (a typo?); its
         ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
 
 Checks read settings only: they build no Celery app and open no connection.
+The one import they make is that of each broker URL's kombu transport module
+(E016), exactly what a worker imports first, so a missing requirement is
+reported by ``manage.py check`` instead of killing the worker.
 """
 
 from __future__ import annotations
@@ -45,16 +50,25 @@ from .registry import isolation_defaults
 
 ID = "django_celery_adv.{}"
 
-#: kombu transport module -> the client it needs and the pip install that brings it.
+#: Broker URL scheme -> this package's extra that brings its kombu transport's requirements.
+TRANSPORT_EXTRAS = {"redis": "redis", "rediss": "redis", "sentinel": "redis",
+                    "mongodb": "mongodb", "zookeeper": "zookeeper",
+                    "amqp": "amqp", "amqps": "amqp", "pyamqp": "amqp"}
+
+
+def install_hint(scheme: str) -> str:
+    """The pip install that brings what the ``scheme`` transport needs."""
+    if scheme in TRANSPORT_EXTRAS:
+        return f"pip install 'django-celery-adv[{TRANSPORT_EXTRAS[scheme]}]'"
+    # kombu names its extras after the transport's client (sqla -> kombu[sqlalchemy]).
+    return f"pip install 'kombu[{TRANSPORT_CLIENTS.get(scheme, scheme)}]'"
+
+
+#: kombu transport -> the client library it imports lazily (kombu only fails on first use).
 TRANSPORT_CLIENTS = {
-    "redis": ("redis", "pip install 'django-celery-adv[redis]'"),
-    "rediss": ("redis", "pip install 'django-celery-adv[redis]'"),
-    "sentinel": ("redis", "pip install 'django-celery-adv[redis]'"),
-    "mongodb": ("pymongo", "pip install 'django-celery-adv[mongodb]'"),
-    "sqla": ("sqlalchemy", "pip install sqlalchemy"),
-    "sqlalchemy": ("sqlalchemy", "pip install sqlalchemy"),
-    "zookeeper": ("kazoo", "pip install 'django-celery-adv[zookeeper]'"),
-    "librabbitmq": ("librabbitmq", "pip install librabbitmq"),
+    "redis": "redis", "rediss": "redis", "sentinel": "redis", "mongodb": "pymongo",
+    "sqla": "sqlalchemy", "sqlalchemy": "sqlalchemy", "zookeeper": "kazoo",
+    "librabbitmq": "librabbitmq",
 }
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671,
                  "pyamqp": 5672, "mongodb": 27017}
@@ -170,11 +184,29 @@ def _check_broker_urls(obj: str, urls: Iterable[str]) -> list[CheckMessage]:
                                    hint="Check the host and port of broker_url.", obj=obj))
             continue
         client = TRANSPORT_CLIENTS.get(scheme)
-        if client and importlib.util.find_spec(client[0]) is None:
+        if client and importlib.util.find_spec(client) is None:
             messages.append(_error(
-                "E007", f"{obj} uses the {scheme!r} transport but {client[0]!r} is not "
-                        "installed.", hint=client[1], obj=obj))
+                "E007", f"{obj} uses the {scheme!r} transport but {client!r} is not "
+                        "installed.", hint=install_hint(scheme), obj=obj))
+            continue  # the transport's import would fail for the same reason
+        messages += _check_transport_imports(obj, scheme)
     return messages
+
+
+def _check_transport_imports(obj: str, scheme: str) -> list[CheckMessage]:
+    """E016 if kombu's transport for ``scheme`` cannot be imported, as a worker would."""
+    from kombu.transport import resolve_transport
+
+    try:
+        resolve_transport(scheme)
+    except ImportError as e:
+        # "packaging", also when the import of "packaging.version" was the one refused.
+        missing = (e.name or str(e)).partition(".")[0]
+        return [_error(
+            "E016", f"{obj} uses the {scheme!r} transport, which cannot be imported: "
+                    f"the module {missing!r} is missing ({e}). A worker would die at start-up.",
+            hint=install_hint(scheme), obj=obj)]
+    return []
 
 
 def broker_identity(settings: Mapping[str, Any]) -> tuple[Any, ...]:

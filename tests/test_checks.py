@@ -276,6 +276,85 @@ def test_e007_not_raised_when_the_client_is_installed_or_not_needed():
     assert ids(valid(APPS={"default": {"broker_url": REDIS}})) == []
 
 
+# -- E016: the broker's kombu transport cannot be imported ----------------------------
+
+@contextmanager
+def transport_unimportable(transport_module: str, missing: str) -> Iterator[None]:
+    """Importing ``transport_module`` afresh fails: ``missing`` is not installed.
+
+    The transport (imported already by this process) is dropped from
+    ``sys.modules`` and ``missing`` set to None there, which makes ``import
+    missing`` raise ModuleNotFoundError; both are restored on exit.
+    """
+    with mock.patch.dict(sys.modules):
+        for name in [n for n in sys.modules if n == missing or n.startswith(missing + ".")]:
+            del sys.modules[name]
+        sys.modules.pop(transport_module, None)
+        sys.modules[missing] = None  # type: ignore[assignment]
+        yield
+
+
+@pytest.mark.parametrize(("url", "transport", "missing", "extra"), [
+    # kombu's redis transport imports packaging (kombu[redis] brings it, plain kombu not).
+    (REDIS, "kombu.transport.redis", "packaging", "django-celery-adv[redis]"),
+    ("rediss://127.0.0.1:6380/0", "kombu.transport.redis", "packaging",
+     "django-celery-adv[redis]"),
+    ("sentinel://127.0.0.1:26379", "kombu.transport.redis", "packaging",
+     "django-celery-adv[redis]"),
+])
+def test_e016_broker_transport_cannot_be_imported(url, transport, missing, extra):
+    with transport_unimportable(transport, missing):
+        message = one(valid(APPS={"default": {"broker_url": url}}), "E016")
+    assert f"'{missing}'" in message.msg
+    assert f"pip install '{extra}'" in message.hint
+    assert message.obj == "CELERY_ADV['APPS']['default']"
+
+
+def test_e016_names_the_missing_module_once_per_app():
+    config = valid(APPS={"default": {"broker_url": REDIS},
+                         "other": {"broker_url": "redis://127.0.0.1:6379/1",
+                                   "task_default_queue": "other", "control_exchange": "other"},
+                         "rabbit": {"broker_url": "amqp://guest:guest@127.0.0.1:5672//"}})
+    with transport_unimportable("kombu.transport.redis", "packaging"):
+        found = messages(config)
+    assert [(m.id, m.obj) for m in found] == [
+        (PREFIX + "E016", "CELERY_ADV['APPS']['default']"),
+        (PREFIX + "E016", "CELERY_ADV['APPS']['other']"),
+    ]
+
+
+def test_e016_not_added_when_the_missing_module_is_the_client_of_e007():
+    with transport_unimportable("kombu.transport.mongodb", "pymongo"):
+        message = one(valid(APPS={"default": {"broker_url": "mongodb://127.0.0.1/c"}}), "E007")
+    assert "pip install 'django-celery-adv[mongodb]'" in message.hint
+
+
+def test_e016_not_raised_when_the_transport_imports():
+    assert ids(valid(APPS={"default": {"broker_url": REDIS},
+                           "rabbit": {"broker_url": "amqp://127.0.0.1//"}})) == []
+
+
+def test_worker_would_fail_the_same_way_the_check_reports():
+    # What the worker meets at start-up: kombu resolving the transport of the URL.
+    from kombu.transport import resolve_transport
+
+    with transport_unimportable("kombu.transport.redis", "packaging"), \
+            pytest.raises(ModuleNotFoundError) as raised:
+        resolve_transport("redis")
+    assert raised.value.name.partition(".")[0] == "packaging"
+
+
+def test_extras_bring_the_broker_transports_requirements():
+    # kombu's own extras name what each transport needs (redis: redis + packaging).
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert "celery[redis]" in extras["redis"]
+    assert "celery[mongodb]" in extras["mongodb"]
+    assert "celery[zookeeper]" in extras["zookeeper"]
+
+
 # -- E008 / E009: apps sharing a broker -------------------------------------------
 
 SAME_BROKER = [
