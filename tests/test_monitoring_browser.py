@@ -80,7 +80,8 @@ def test_operator_reads_the_workers_page(browser, styled_live_server, default_wo
     forget_workers()
     user = User.objects.create_user("operator", password="operator-pw", is_staff=True)
     user.user_permissions.add(*Permission.objects.filter(
-        codename__in=["view_monitoring", "force_release_lock"]))
+        codename__in=["view_monitoring", "force_release_lock", "view_lockdefinition",
+                      "change_lockdefinition"]))
     LockDefinition.objects.create(name="nightly-report", capacity=2)
     lease = lock_backends["default"].acquire("nightly-report", 2,
                                              Holder(task_id="task-in-browser"), 300)
@@ -127,3 +128,24 @@ def test_operator_reads_the_workers_page(browser, styled_live_server, default_wo
         By.CSS_SELECTOR, "ul.messagelist").text
     assert lock_backends["default"].holders("nightly-report") == []
     assert "task-in-browser" not in browser.find_element(By.ID, "lock-holders").text
+
+    # The lock's own admin: its state in words, its holders by host and pid to the
+    # second, and a name that cannot be edited (code finds the row by it).
+    again = lock_backends["default"].acquire("nightly-report", 2, Holder(task_id="task-again"),
+                                              300)
+    navigate(browser, browser.find_element(By.LINK_TEXT, "Lock definitions"), "lock definition")
+    assert browser.find_element(By.CSS_SELECTOR, "#result_list td.field-state").text == "active"
+    assert browser.find_element(By.CSS_SELECTOR, "#result_list td.field-holders_now").text \
+        == "1 / 2"
+    browser.save_screenshot(str(SCREENSHOTS / "lock-definitions.png"))
+    navigate(browser, browser.find_element(By.LINK_TEXT, "nightly-report"), "nightly-report")
+    [holder] = browser.find_elements(By.CSS_SELECTOR, "table.dca-holders tbody tr")
+    cells = [cell.text for cell in holder.find_elements(By.TAG_NAME, "td")]
+    assert cells[1] == "task-again" and cells[2] == f"{again.holder.hostname} (pid {os.getpid()})"
+    assert cells[3] == again.acquired_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert cells[5] == str(again.token)
+    assert browser.find_elements(By.NAME, "capacity") and not browser.find_elements(By.NAME,
+                                                                                      "name")
+    now_section = holder.find_element(By.XPATH, "./ancestor::fieldset")
+    assert now_section.screenshot(str(SCREENSHOTS / "lock-definition-holders.png"))
+    lock_backends["default"].release(again)
