@@ -24,8 +24,9 @@ def validate_lock_name(name: str) -> None:
 class LockFence(models.Model):
     """Last fencing token granted per lock name (database backend).
 
-    Bumping this row in the acquire transaction also serializes acquirers of
-    one name, which is what keeps the holder count within capacity.
+    Created or bumped by one upsert statement at the start of the acquire
+    transaction; the row lock it takes serializes the acquirers of one name
+    until commit, which is what keeps the holder count within capacity.
     """
 
     name = models.CharField(max_length=200, primary_key=True)
