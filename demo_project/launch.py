@@ -1,24 +1,38 @@
-"""Start the whole demo: migrate, an admin user, a worker per app, beat, the server.
+"""Start the whole demo: migrate, an admin user, a worker per app, beat, the web server.
 
-Run by ``scripts/demo.sh``. Ctrl-C (or SIGTERM) stops every process it started;
-if one of them dies, the others are stopped too and its log tail is printed.
+Run by ``scripts/demo.sh``. The port is checked first: if something listens
+on ``DEMO_PORT``, the launcher says which process and exits before touching
+anything. Then it supervises (``demo_project.supervisor``): a child that
+crashes is restarted with a backoff and its error line printed, the others
+(the web server included) keep running. Ctrl-C, SIGTERM and SIGHUP (the
+terminal closed) stop everything within 10 s, with progress printed; a second
+Ctrl-C kills at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from demo_project import ports
+from demo_project.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = [sys.executable, str(ROOT / "manage.py")]
 HOST = os.environ.get("DEMO_HOST", "127.0.0.1")
-PORT = os.environ.get("DEMO_PORT", "8000")
+PORT = int(os.environ.get("DEMO_PORT", "8000"))
 ADMIN_USER = os.environ.get("DEMO_ADMIN_USER", "admin")
+
+
+def say(text: str) -> None:
+    """Print, surviving a closed terminal (after SIGHUP a write fails with EIO)."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 def manage(*args: str) -> None:
@@ -41,7 +55,7 @@ def create_admin() -> str:
     return password
 
 
-def processes(log_dir: Path) -> dict[str, list[str]]:
+def processes(var_dir: Path) -> dict[str, list[str]]:
     return {
         "worker-default": [*MANAGE, "celery", "default", "worker", "-l", "info", "-c", "2",
                            "-n", "default@%h"],
@@ -49,70 +63,56 @@ def processes(log_dir: Path) -> dict[str, list[str]]:
                           "-n", "global@%h"],
         "beat": [*MANAGE, "celery", "default", "beat", "-l", "info",
                  "-S", "django_celery_beat.schedulers:DatabaseScheduler",
-                 "--pidfile", str(log_dir / "beat.pid")],
+                 "--pidfile", str(var_dir / "beat.pid")],
         "web": [*MANAGE, "runserver", f"{HOST}:{PORT}", "--noreload"],
     }
 
 
+def port_taken_message() -> str:
+    return (f"port {PORT} on {HOST} is already in use by {ports.holder(PORT)}.\n"
+            "Stop that process (an earlier demo? its terminal may be gone), or pick "
+            f"another port:\n  DEMO_PORT={ports.spare_port(HOST, PORT)} bash scripts/demo.sh")
+
+
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_project.settings")
+    if ports.in_use(HOST, PORT):
+        say(port_taken_message())
+        return 2
     from django.conf import settings
 
     from django_celery_adv.masking import mask_url
 
-    log_dir = Path(settings.VAR_DIR) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    manage("migrate", "--noinput", "-v", "0")
-    password = create_admin()
-
-    running: dict[str, subprocess.Popen] = {}
-    stopping = False
-
-    def stop(*_args: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    for name, command in processes(log_dir).items():
-        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        running[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        log.close()
-
-    print(f"""
-django-celery-adv demo is starting (logs in {log_dir})
+    var_dir = Path(settings.VAR_DIR)
+    log_dir = var_dir / "logs"
+    signals: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: signals.append(signum))
+    try:
+        manage("migrate", "--noinput", "-v", "0")
+        password = create_admin()
+    except subprocess.CalledProcessError:
+        if signals:  # Ctrl-C reached the command too: nothing started yet
+            return 0
+        raise
+    (var_dir / "beat.pid").unlink(missing_ok=True)  # left by a killed beat: it would refuse
+    supervisor = Supervisor(processes(var_dir), log_dir, cwd=ROOT, say=say)
+    if not signals:
+        supervisor.start()
+        say(f"""
+django-celery-adv demo is starting (fresh logs in {log_dir})
   admin:     http://{HOST}:{PORT}/admin/   user {ADMIN_USER!r}  password {password!r}
   brokers:   default -> {mask_url(settings.CELERY_ADV['APPS']['default']['broker_url'])}
              global  -> {mask_url(settings.CELERY_ADV['APPS']['global']['broker_url'])}
   send demo tasks:  .venv/bin/python manage.py send_demo_tasks
-  Ctrl-C stops everything.
-""", flush=True)
-
-    exit_code = 0
-    while not stopping:
-        for name, process in running.items():
-            if process.poll() is not None:
-                print(f"{name} exited with {process.returncode}; its log ends with:")
-                print("\n".join((log_dir / f"{name}.log").read_text(errors="replace")
-                                .splitlines()[-20:]))
-                stopping, exit_code = True, 1
-                break
-        time.sleep(0.5)
-
-    print("stopping the demo ...", flush=True)
-    for process in running.values():
-        if process.poll() is None:
-            # The main process only: a Celery worker then shuts its pool down
-            # itself (warm shutdown); the group is killed only past the deadline.
-            process.terminate()
-    deadline = time.monotonic() + 15
-    for process in running.values():
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-    return exit_code
+  Ctrl-C stops everything (a crashed process is restarted; its error is shown here).
+""")
+        supervisor.run(lambda: bool(signals))
+    name = signal.Signals(signals[0]).name if signals else "a signal"
+    say(f"{name} received: stopping the demo (at most 10 s; Ctrl-C again kills at once)")
+    clean = supervisor.stop(hurry=lambda: len(signals) > 1)
+    say("demo stopped" + ("" if clean else " (some processes had to be killed)"))
+    return 0
 
 
 if __name__ == "__main__":
