@@ -224,6 +224,15 @@ def test_backend_of_a_free_lock_can_change(client, staff):
     assert LockDefinition.objects.get(pk=definition.pk).backend == "redis"
 
 
+def test_a_lock_on_a_backend_no_longer_configured_can_be_moved(client, staff):
+    definition = LockDefinition.objects.create(name="orphan-lock", backend="removed")
+
+    response = client.post(change_url(definition), {**FORM, "name": definition.name})
+
+    assert response.status_code == 302
+    assert LockDefinition.objects.get(pk=definition.pk).backend == "default"
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("capacity", "-1"), ("ttl", "0.5"), ("name", "bad name/with slash"), ("backend", "nope"),
     ("retry_countdown", "-2"),
@@ -277,17 +286,20 @@ def test_force_release_needs_its_own_permission_and_is_logged_once(client, staff
 def test_force_release_on_a_backend_that_is_down_is_a_message(client, releaser):
     with down_lock_backend():
         down = LockDefinition.objects.create(name="unreachable-lock", backend="down")
+        also_down = LockDefinition.objects.create(name="unreachable-too", backend="down")
         working = LockDefinition.objects.create(name="reachable-lock", capacity=1)
         hold(working, 1)
-        action = {"action": "force_release", "_selected_action": [down.pk, working.pk]}
+        action = {"action": "force_release",
+                  "_selected_action": [down.pk, also_down.pk, working.pk]}
 
         response = client.post(reverse(CHANGELIST), action)
         page = client.get(response["Location"]) if response.status_code == 302 else response
 
     assert response.status_code == 302, response.status_code
-    [error, released] = messages_of(page)
+    [error, skipped, released] = messages_of(page)
     assert error.startswith("unreachable-lock: ") and "Connection refused" in error
     assert SECRET not in error
+    assert skipped == "Not tried, their backend failed above: unreachable-too."
     assert released == "Released 1 lease(s)."
     assert list(LogEntry.objects.values_list("object_id", flat=True)) == [str(working.pk)]
 

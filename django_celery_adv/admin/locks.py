@@ -12,12 +12,13 @@ Guarantees:
 * one changelist request asks a backend nothing more once it failed: N locks
   on a server that is down cost one connection attempt, not N timeouts;
 * force release writes one admin-log entry per lock it freed something of
-  (``locks.force_release`` writes it);
+  (``locks.force_release`` writes it), and stops asking a backend that failed
+  for the rest of the action;
 * an existing lock's name is read-only: code finds its row by name, so a
   rename would detach the row and the next use would recreate the old name
   with the code's defaults;
 * a lock's backend cannot be changed while the old backend lists holders, nor
-  while the old backend cannot be read: the new backend would grant the same
+  while the old backend (if still configured) cannot be read: the new backend would grant the same
   slots again (token 1 included) next to the running holders. A task that
   takes the lock on the old backend in the moment between this check and the
   workers seeing the change (``definitions.CHECK_SECONDS``) is not caught.
@@ -128,6 +129,10 @@ class LockDefinitionForm(forms.ModelForm):
             "backend", flat=True).first()
         if old is None or old == backend:
             return backend
+        if old not in conf.lock_backend_settings():
+            # Nothing in this deployment can hold it there; refusing would leave
+            # the lock stuck on a backend that no longer exists.
+            return backend
         name = self.instance.name
         try:
             leases = holders(name, backend=old)
@@ -215,15 +220,23 @@ class LockDefinitionAdmin(admin.ModelAdmin):
     @admin.action(description="Force-release every holder of the selected locks",
                   permissions=["force_release"])
     def force_release(self, request: HttpRequest, queryset: QuerySet[LockDefinition]) -> None:
-        released = failed = 0
+        released = 0
+        failed: dict[str, str] = {}  # alias -> error: a server that is down is asked once
+        skipped: list[str] = []
         for definition in queryset:
+            alias = definition.backend
+            if alias in failed:
+                skipped.append(definition.name)
+                continue
             try:  # the module's force_release, not this method (a method is no global)
                 released += len(force_release(definition.name, user=request.user,
-                                              backend=definition.backend))
+                                              backend=alias))
             except CeleryAdvError as e:
-                failed += 1
+                failed[alias] = masked_error(alias, e)
                 self.message_user(request, f"{definition.name}: nothing released: "
-                                           f"{masked_error(definition.backend, e)}",
-                                  messages.ERROR)
+                                           f"{failed[alias]}", messages.ERROR)
+        if skipped:
+            self.message_user(request, "Not tried, their backend failed above: "
+                                       f"{', '.join(skipped)}.", messages.WARNING)
         if released or not failed:
             self.message_user(request, f"Released {released} lease(s).", messages.SUCCESS)
