@@ -171,6 +171,7 @@ def test_force_release_needs_post_csrf_and_its_permission():
 
 # -- the workers page against real workers --------------------------------------------
 
+@pytest.mark.workers
 def test_workers_page_lists_exactly_the_running_workers(viewer, session_workers):
     response = viewer.get(reverse(WORKERS_URL))
 
@@ -190,6 +191,7 @@ def test_workers_page_lists_exactly_the_running_workers(viewer, session_workers)
     assert 'http-equiv="refresh"' not in html
 
 
+@pytest.mark.workers
 def test_meta_refresh_is_opt_in_and_bounded(viewer, session_workers):
     html = viewer.get(reverse(WORKERS_URL), {"refresh": "1"}).content.decode()
     assert '<meta http-equiv="refresh" content="2">' in html
@@ -197,6 +199,7 @@ def test_meta_refresh_is_opt_in_and_bounded(viewer, session_workers):
     assert 'http-equiv="refresh"' not in html
 
 
+@pytest.mark.workers
 def test_an_unreachable_app_shows_its_error_in_place(viewer, session_workers):
     with with_down_apps():
         started = time.monotonic()
@@ -217,6 +220,7 @@ def test_an_unreachable_app_shows_its_error_in_place(viewer, session_workers):
     assert Tables(html).tables["workers-default"][1][1] == "online"
 
 
+@pytest.mark.workers
 def test_worker_detail_shows_the_running_task(viewer, default_worker):
     url = reverse("admin:django_celery_adv_monitoring_worker",
                   args=["default", default_worker.name])
@@ -237,6 +241,7 @@ def test_worker_detail_shows_the_running_task(viewer, default_worker):
     result.get(timeout=30)
 
 
+@pytest.mark.workers
 def test_worker_detail_of_an_unknown_worker_is_404(viewer, default_worker):
     url = reverse("admin:django_celery_adv_monitoring_worker", args=["default", "nobody@nowhere"])
     assert viewer.get(url).status_code == 404
