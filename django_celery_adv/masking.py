@@ -176,13 +176,15 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 
 def _literals(secrets: Iterable[str | None]) -> list[str]:
     # Longest first: a secret containing another is replaced whole.
+    if not secrets:
+        return []
     return sorted({s for s in secrets if s and len(s) >= MIN_LITERAL_SECRET},
                   key=len, reverse=True)
 
 
 def _hint_positions(text: str) -> list[int]:
     """Where a hint word starts in ``text``, ignoring case as ``re.I`` does."""
-    folded = text.translate(_ASCII_FOLD).lower()
+    folded = text.lower() if text.isascii() else text.translate(_ASCII_FOLD).lower()
     if len(folded) != len(text):  # a letter lower-cased to two: keep one per position
         folded = "".join(char.lower()[:1] for char in text)
     found = set()
