@@ -36,6 +36,15 @@ DEFAULTS: dict[str, Any] = {
     "RECORD_FAILURES": True,
     "FAILURE_RETENTION_DAYS": 90,
     "INSPECT_TIMEOUT": 1.0,
+    # Beat leadership (django_celery_adv.beat); "APPS" maps an app alias to
+    # overrides of the other keys for that app's beats.
+    "BEAT": {
+        "LOCK_BACKEND": DEFAULT_LOCK_BACKEND_ALIAS,
+        "TTL": 10.0,
+        "MISFIRE_GRACE": None,
+        "ON_BUSY": "skip",
+        "APPS": {},
+    },
 }
 
 # Keys whose value is a dict merged key by key over the default, so a project

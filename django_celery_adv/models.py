@@ -251,3 +251,43 @@ class TaskFailureDay(models.Model):
 
     def __str__(self) -> str:
         return f"{self.failure_id} {self.day}: {self.count}"
+
+
+class BeatNode(models.Model):
+    """One running beat process as it last reported itself (see ``beat/health.py``).
+
+    Each beat of an app writes its row about once a second, leader or standby,
+    so every process (admin, ``celery_status``) sees who leads. A row whose
+    ``last_tick`` is old belongs to a beat that died or hangs.
+    """
+
+    class Role(models.TextChoices):
+        LEADER = "leader", "leader"
+        STANDBY = "standby", "standby"
+
+    app_alias = models.CharField("app", max_length=100, db_index=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.STANDBY)
+    token = models.BigIntegerField("fencing token", null=True, blank=True)
+    leader_since = models.DateTimeField(null=True, blank=True)
+    lock_backend = models.CharField(max_length=100, blank=True)
+    max_interval = models.FloatField("max interval (s)", default=0)
+    started_at = models.DateTimeField()
+    last_tick = models.DateTimeField(db_index=True)
+    tick_lag = models.FloatField("tick lag (s)", default=0)
+    next_due_name = models.CharField("next due entry", max_length=200, blank=True)
+    next_due_at = models.DateTimeField(null=True, blank=True)
+    sent = models.PositiveBigIntegerField("tasks sent", default=0)
+
+    class Meta:
+        verbose_name = "beat process"
+        verbose_name_plural = "beat processes"
+        ordering = ["app_alias", "-last_tick"]
+        constraints = [
+            models.UniqueConstraint(fields=["app_alias", "hostname", "pid"],
+                                    name="dca_beat_node_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"beat {self.app_alias} {self.hostname} pid {self.pid} ({self.role})"
