@@ -93,7 +93,8 @@ def server_app(broker_url: str) -> dict:
 def demo_app(alias: str) -> dict:
     url = os.environ.get(f"DEMO_{alias.upper()}_BROKER")
     settings = server_app(url) if url else filesystem_app(alias)
-    settings.update(task_track_started=True, worker_prefetch_multiplier=1)
+    # result_extended: results name the worker that ran them (send_demo_tasks prints it).
+    settings.update(task_track_started=True, worker_prefetch_multiplier=1, result_extended=True)
     return settings
 
 

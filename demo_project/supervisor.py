@@ -93,9 +93,14 @@ class Child:
         """
         if self.process is None or self.process.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self.kill_group()
         self.process.wait()
+
+    def kill_group(self) -> None:
+        """SIGKILL the group while its leader is alive or unreaped (see :meth:`reap`)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def log_since_start(self) -> str:
         with open(self.log_path, "rb") as f:
@@ -172,10 +177,12 @@ class Supervisor:
                 child.reap()
                 self.say(f"  {child.name} stopped ({time.monotonic() - started:.1f} s)")
             if waiting and (time.monotonic() - started >= self.grace or hurry()):
+                late = time.monotonic() - started
                 for child in waiting:
-                    self.say(f"  {child.name} still running after "
-                             f"{time.monotonic() - started:.1f} s: killed")
+                    child.kill_group()  # all at once: each one's death takes a moment
+                for child in waiting:
                     child.reap()
+                    self.say(f"  {child.name} still running after {late:.1f} s: killed")
                 waiting, clean = [], False
             time.sleep(0.05)
         for child in self.children:

@@ -73,14 +73,14 @@ class Demo:
         self.var_dir, self.port = var_dir, port
         self.sessions: set[int] = set()
         self.output = var_dir / f"launch-{time.monotonic_ns()}.out"
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_project.settings",
-               "DEMO_VAR_DIR": str(var_dir), "DEMO_PORT": str(port),
-               "DEMO_ADMIN_PASSWORD": "demo-test", "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "demo_project.settings",
+                    "DEMO_VAR_DIR": str(var_dir), "DEMO_PORT": str(port),
+                    "DEMO_ADMIN_PASSWORD": "demo-test", "PYTHONUNBUFFERED": "1"}
         for name in ("DEMO_DEFAULT_BROKER", "DEMO_GLOBAL_BROKER", "TEST_USE_TEST_DB"):
-            env.pop(name, None)
+            self.env.pop(name, None)
         with open(self.output, "wb") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "demo_project.launch"],
-                                            cwd=ROOT, env=env, stdout=out,
+                                            cwd=ROOT, env=self.env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
@@ -126,6 +126,21 @@ def _port_free(port: int) -> bool:
         return True
 
 
+def _check_send_demo_tasks(demo: Demo) -> None:
+    """Every line names the worker that ran the task, and the right one; no "None: None"."""
+    done = subprocess.run([sys.executable, "manage.py", "send_demo_tasks"], cwd=ROOT,
+                          env=demo.env, capture_output=True, text=True, timeout=120)
+    print(done.stdout, done.stderr[-2000:])
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 11
+    on_global = ("collect_stats", "build_report", "nightly_report")
+    for line in lines:
+        alias = "global" if any(name in line for name in on_global) else "default"
+        assert f"[ran on {alias}@" in line, line
+        assert "None" not in line, line
+    assert "dropped, not queued" in lines[6]
+
+
 @pytest.fixture
 def var_dir() -> Path:
     path = Path(settings.BUILD_DIR) / f"demo-launch-{os.getpid()}"
@@ -138,6 +153,7 @@ def test_sighup_stops_everything_in_10s_and_the_next_run_starts(var_dir):
     demo = Demo(var_dir, port)
     try:
         demo.wait_up()
+        _check_send_demo_tasks(demo)
         elapsed, remaining = demo.stop_with(signal.SIGHUP)
         print(f"SIGHUP: launcher exited {demo.process.returncode} after {elapsed:.1f}s, "
               f"{len(remaining)} processes left, port free: {_port_free(port)}")
