@@ -2,7 +2,7 @@
 # Make the servers the test suite needs available on 127.0.0.1: reuse whatever already
 # listens on a port, install (apt) and start the rest, and stop only what we started.
 #   scripts/services.sh start|stop|status
-# Env: REDIS_PORT RABBITMQ_PORT ZOOKEEPER_PORT ETCD_PORT ETCD_PEER_PORT POSTGRES_PORT,
+# Env: REDIS_PORT RABBITMQ_PORT ZOOKEEPER_PORT ETCD_PORT ETCD_PEER_PORT POSTGRES_PORT MARIADB_PORT,
 #      STATE_DIR (default build/services), SERVICES_TIMEOUT (seconds, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +10,14 @@ mkdir -p "${STATE_DIR:=build/services}"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)   # absolute: written into configs and the record
 RECORD=$STATE_DIR/started             # "name pid" for each server THIS script started
 DEADLINE=${SERVICES_TIMEOUT:-60}
-SERVICES=(redis rabbitmq zookeeper etcd)
+SERVICES=(redis rabbitmq zookeeper etcd mariadb)
 declare -A PORT=([redis]=${REDIS_PORT:-6379} [rabbitmq]=${RABBITMQ_PORT:-5672}
-  [zookeeper]=${ZOOKEEPER_PORT:-2181} [etcd]=${ETCD_PORT:-2379})
-declare -A PKG=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=zookeeper [etcd]=etcd-server)
+  [zookeeper]=${ZOOKEEPER_PORT:-2181} [etcd]=${ETCD_PORT:-2379} [mariadb]=${MARIADB_PORT:-3306})
+declare -A PKG=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=zookeeper [etcd]=etcd-server
+  [mariadb]=mariadb-server)
 # What the recorded pid's command line must contain, so a recycled pid is never killed.
-declare -A CMD=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=ZooKeeperServerMain [etcd]='etcd --name')
+declare -A CMD=([redis]=redis-server [rabbitmq]=rabbitmq-server [zookeeper]=ZooKeeperServerMain [etcd]='etcd --name'
+  [mariadb]=mariadbd)
 PG_PORT=${POSTGRES_PORT:-5432}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
 EPMD_PORT=${ERL_EPMD_PORT:-4369}
@@ -105,10 +107,29 @@ start_etcd() {
   spawn etcd env -u ETCD_PORT -u ETCD_PEER_PORT etcd --name services --logger zap --data-dir "$STATE_DIR/etcd" --listen-client-urls "$c" --advertise-client-urls "$c" \
     --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" --initial-cluster "services=$p"
 }
+# MariaDB from its own data directory (not /etc/mysql, not systemd), running as root
+# (--user=root), root without a password (the tests connect as root@127.0.0.1 over TCP).
+MARIADB_DIR=$STATE_DIR/mariadb
+MARIADB_CLIENT=(--no-defaults --socket="$MARIADB_DIR/mysqld.sock" -uroot)
+start_mariadb() {
+  rm -rf "$MARIADB_DIR"; mkdir -p "$MARIADB_DIR/data"
+  mariadb-install-db --no-defaults --user=root --datadir="$MARIADB_DIR/data" \
+    --auth-root-authentication-method=normal --skip-test-db >"$MARIADB_DIR/install.log" 2>&1 ||
+    { tail -n 20 "$MARIADB_DIR/install.log" >&2; die "mariadb-install-db failed (log: $MARIADB_DIR/install.log)"; }
+  spawn mariadb /usr/sbin/mariadbd --no-defaults --user=root --datadir="$MARIADB_DIR/data" \
+    --socket="$MARIADB_DIR/mysqld.sock" --pid-file="$MARIADB_DIR/mysqld.pid" --bind-address=127.0.0.1 \
+    --port="${PORT[mariadb]}" --skip-name-resolve --skip-log-bin --innodb-flush-log-at-trx-commit=2
+}
 
 ready_redis() { ask "${PORT[redis]}" $'PING\r\n' '+PONG'; }
 ready_zookeeper() { ask "${PORT[zookeeper]}" ruok imok; }
 ready_etcd() { ask "${PORT[etcd]}" $'GET /health HTTP/1.0\r\n\r\n' '"health":"true"'; }
+# Ready once root can log in over TCP: the install made root@localhost only.
+ready_mariadb() {
+  mariadb-admin "${MARIADB_CLIENT[@]}" ping >/dev/null 2>&1 &&
+    mariadb "${MARIADB_CLIENT[@]}" -e "CREATE USER IF NOT EXISTS root@'127.0.0.1';
+      GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION; CREATE DATABASE IF NOT EXISTS test;" 2>/dev/null
+}
 ready_rabbitmq() { timeout 20 env "${RMQ_ENV[@]}" /usr/lib/rabbitmq/bin/rabbitmqctl -q -n rabbit@localhost await_startup >/dev/null 2>&1; }
 
 wait_ready() {

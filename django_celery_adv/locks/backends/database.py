@@ -301,10 +301,12 @@ def open_own_connection(using: str, alias: str) -> Any:
     return connection
 
 
-def close_own_connections(using: str) -> None:
-    """Close this process's own connections to ``using`` (they reopen on use)."""
+def close_own_connections(using: str | None = None) -> None:
+    """Close this process's own connections to ``using`` (None: to every database);
+    they reopen on use. Test suites call it before the test databases are dropped."""
     with _opened_guard:
-        mine = [connection for _, alias, connection in _opened if alias == using + OWN_SUFFIX]
+        mine = [connection for _, alias, connection in _opened
+                if using is None or alias == using + OWN_SUFFIX]
     for connection in mine:
         connection.close()
 
