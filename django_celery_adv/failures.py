@@ -72,18 +72,18 @@ _repr.maxlevel = 4
 def shorten(value: Any, limit: int = MAX_ARGS_CHARS) -> str:
     """A masked, bounded ``repr`` of task arguments for display."""
     try:
-        text = mask_text(_repr.repr(mask_secrets(value)))  # and what an object's repr shows
+        # mask_text too: what an object's repr shows; cut before masking (linear, bounded)
+        return mask_text(_repr.repr(mask_secrets(value)), limit=limit)
     except Exception as e:  # a broken __repr__ of an argument must not stop recording
-        text = f"<unrepresentable {type(value).__name__}: {type(e).__name__}>"
-    return _truncate(text, limit)
+        return f"<unrepresentable {type(value).__name__}: {type(e).__name__}>"
 
 
-def _truncate(text: str, limit: int, *, keep_end: bool = False) -> str:
+def _keep_end(text: str, limit: int) -> str:
+    """The last ``limit`` characters (a traceback's end is what matters); the
+    whole text is masked first: a cut at the front could split a secret."""
     if len(text) <= limit:
         return text
-    if keep_end:
-        return "...(truncated)\n" + text[-(limit - 15):]
-    return text[:limit - 3] + "..."
+    return "...(truncated)\n" + text[-(limit - 15):]
 
 
 # -- fingerprint -------------------------------------------------------------------
@@ -186,8 +186,8 @@ class Occurrence:
             task_name=task_name[:255],
             exception_type=exception_type_name(exception)[:255],
             location=innermost_project_frame(tb)[:500],
-            message=_truncate(mask_text(message), MAX_MESSAGE_CHARS),
-            traceback=_truncate(mask_text(traceback_text), MAX_TRACEBACK_CHARS, keep_end=True),
+            message=mask_text(message, limit=MAX_MESSAGE_CHARS),
+            traceback=_keep_end(mask_text(traceback_text), MAX_TRACEBACK_CHARS),
             task_id=(task_id or "")[:255],
             args=shorten(tuple(args or ())),
             kwargs=shorten(dict(kwargs or {})),
