@@ -32,13 +32,15 @@ ALL_BACKENDS = ["database", "redis", "zookeeper", "etcd", "mongodb"]
 #: with the client session instead); ``survives_restart_tokens``: fencing tokens
 #: keep growing across a server restart; ``cross_process``: a second process can
 #: reach the same server (not mongomock); ``password``: the connection settings
-#: can carry a password, which must never be shown.
+#: can carry a password, which must never be shown; ``own_server``: the tests
+#: can run a server instance of their own (tests/faults/servers.py) to restart.
 CAPABILITIES: dict[str, frozenset[str]] = {
     "database": frozenset({"ttl_expiry", "survives_restart_tokens", "cross_process",
                            "password"}),
-    "redis": frozenset({"ttl_expiry", "cross_process", "password"}),
-    "zookeeper": frozenset({"survives_restart_tokens", "cross_process"}),
-    "etcd": frozenset({"ttl_expiry", "survives_restart_tokens", "cross_process"}),
+    "redis": frozenset({"ttl_expiry", "cross_process", "password", "own_server"}),
+    "zookeeper": frozenset({"survives_restart_tokens", "cross_process", "own_server"}),
+    "etcd": frozenset({"ttl_expiry", "survives_restart_tokens", "cross_process",
+                       "own_server"}),
     "mongodb": frozenset({"ttl_expiry", "password"}
                          | ({"cross_process"} if settings.MONGODB_URL else set())),
 }
