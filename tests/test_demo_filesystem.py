@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -59,23 +59,6 @@ def test_filesystem_broker_runs_a_task_and_answers_ping(demo_worker):
     assert demo_worker.app.send_task("demo.tasks.add", (20, 22)).get(timeout=30) == 42
 
 
-def _in_threads(count: int, target, *args) -> list[BaseException]:
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            target(index, *args)
-        except BaseException as e:  # reported by the test
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return errors
-
-
 def _collect(results: list, worker: WorkerProcess, timeout: float = 90.0) -> dict:
     """Every task's value; stops early (with what arrived) once the worker is dead."""
     values, deadline = {}, time.monotonic() + timeout
@@ -112,8 +95,10 @@ def test_worker_survives_inspect_rounds_and_tasks_from_threads(demo_worker):
                 answered.append(len(replies))
 
     started = time.monotonic()
-    errors = _in_threads(SENDERS + INSPECTORS,
-                         lambda i: send(i) if i < SENDERS else inspect(i - SENDERS))
+    with ThreadPoolExecutor(SENDERS + INSPECTORS) as pool:
+        futures = [pool.submit(send, i) for i in range(SENDERS)]
+        futures += [pool.submit(inspect, i) for i in range(INSPECTORS)]
+    errors = [future.exception() for future in futures if future.exception()]
     values = _collect(results, worker)
     elapsed = time.monotonic() - started
     print(f"{len(values)} results, {sum(answered)}/{INSPECT_ROUNDS} inspect replies "

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.faults.servers import spare_port, wait_until
+from tests.faults.servers import listening, spare_port, wait_until
 
 pytestmark = pytest.mark.workers
 
@@ -118,14 +118,6 @@ class Demo:
         self.process.wait(5)
 
 
-def _port_free(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return False
-    except OSError:
-        return True
-
-
 def _check_send_demo_tasks(demo: Demo) -> None:
     """Every line names the worker that ran the task, and the right one; no "None: None"."""
     done = subprocess.run([sys.executable, "manage.py", "send_demo_tasks"], cwd=ROOT,
@@ -156,10 +148,10 @@ def test_sighup_stops_everything_in_10s_and_the_next_run_starts(var_dir):
         _check_send_demo_tasks(demo)
         elapsed, remaining = demo.stop_with(signal.SIGHUP)
         print(f"SIGHUP: launcher exited {demo.process.returncode} after {elapsed:.1f}s, "
-              f"{len(remaining)} processes left, port free: {_port_free(port)}")
+              f"{len(remaining)} processes left, port free: {not listening(port)}")
         assert remaining == set()
         assert elapsed < 10, demo.text()
-        assert _port_free(port)
+        assert not listening(port)
         assert "stopped" in demo.text()  # progress was printed while stopping
     finally:
         demo.kill()

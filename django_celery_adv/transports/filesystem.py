@@ -24,6 +24,9 @@ one local filesystem:
   the old one by rename; readers need no lock.
 * A message file that cannot be decoded all the same (written by another
   producer) is renamed ``*.bad``, logged and skipped: the consumer lives on.
+* A worker asked to stop leaves its wait for messages within 0.25 s. Celery's
+  blocking loop (used for this transport) waits 2 s per turn and one turn more
+  after the request, which made a warm shutdown take 4 s before it began.
 
 Not guaranteed: durability across a power cut (no ``fsync``), network
 filesystems (rename and flock semantics vary), several machines, priorities,
@@ -57,6 +60,8 @@ from kombu.utils.objects import cached_property
 logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".tmp"
+#: How long one wait for messages lasts before the worker's shutdown is checked.
+DRAIN_SLICE = 0.25
 BAD_SUFFIX = ".bad"
 
 
@@ -155,8 +160,26 @@ class Channel(filesystem.Channel):
         return [filesystem.exchange_queue_t(*row) for row in loads(bytes_to_str(data))]
 
 
+def _worker_stopping() -> bool:
+    from celery.worker import state  # set by the worker's SIGTERM/SIGINT/SIGQUIT handlers
+
+    return state.should_stop is not None or state.should_terminate is not None
+
+
 class Transport(filesystem.Transport):
     """``filesystem://`` with :class:`Channel`: give its class path as ``broker_transport``."""
 
     Channel = Channel
     global_state = virtual.BrokerState()
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> Any:
+        if timeout is None:
+            return super().drain_events(connection)
+        deadline = monotonic() + timeout
+        while True:  # in slices, so that a stopping worker is seen within one
+            slice_ = max(0.0, min(deadline - monotonic(), DRAIN_SLICE))
+            try:
+                return super().drain_events(connection, timeout=slice_)
+            except TimeoutError:  # socket.timeout: this slice ran out
+                if monotonic() >= deadline or _worker_stopping():
+                    raise
