@@ -297,6 +297,27 @@ def test_validity_counts_from_before_the_request():
     backend.close()
 
 
+def test_sub_second_ttl_expires_by_the_servers_clock():
+    """Expiry compares fractions of a second (datetime(6) on MariaDB/MySQL, ms on SQLite):
+    a 0.5 s lease is listed at once and gone 1 s later, never rounded to whole seconds."""
+    backend = new_backend()
+    name = f"precise-{uuid.uuid4().hex[:8]}"
+    holder = Holder(task_id="t")
+    lease = backend.acquire(name, 1, holder, 0.5)
+    assert lease is not None
+    stored = LockLease.objects.get(name=name)
+    assert abs((stored.expires_at - stored.acquired_at).total_seconds() - 0.5) < 0.002
+    deadline = time.monotonic() + 5
+    while backend.holders(name):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert time.monotonic() - (lease.valid_until - 0.5) >= 0.45  # not before its TTL
+    again = backend.acquire(name, 1, holder, 30)
+    assert again is not None and again.token == lease.token + 1
+    backend.release(again)
+    backend.close()
+
+
 # -- aborted transactions -----------------------------------------------------------------
 
 def aborted_error() -> DatabaseError:
