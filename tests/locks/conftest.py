@@ -5,10 +5,11 @@ one run per backend; ``@pytest.mark.capability("ttl_expiry")`` narrows that to
 the backends that have the capability (a backend without it is not collected,
 not skipped). MongoDB runs on mongomock unless ``MONGODB_URL`` names a mongod.
 
-Markers are applied here, not by hand: ``django_db(transaction=True)`` only on
-tests that touch the database (parameterised with the database backend, in a
+Markers are applied here: ``django_db(transaction=True)`` only on tests that
+touch the database (parameterised with the database backend, in a
 ``test_database*`` module, or using a fixture of :data:`DATABASE_FIXTURES`:
-lock policies, the lock registry, workers), ``workers`` on every test that starts a worker process.
+lock policies, the lock registry, workers), ``db`` on those and on tests
+marked ``django_db`` by hand, ``workers`` on every test that starts a worker.
 """
 
 from __future__ import annotations
@@ -84,15 +85,22 @@ def _uses_database(item: pytest.Item) -> bool:
     return bool(DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # ``db`` ("touches the database": the legs on other databases run these).
+    db_marker = any(line.split(":")[0].strip() == "db" for line in config.getini("markers"))
     for item in items:
         if "tests/locks/" not in str(item.fspath):
             continue
         if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.workers)
+        if not (_uses_database(item) or item.get_closest_marker("django_db")):
+            continue
+        if db_marker and item.get_closest_marker("db") is None:
+            item.add_marker(pytest.mark.db)
         # The database backend commits from several threads and processes:
         # real transactions, not a test transaction that others cannot see.
-        if _uses_database(item) and item.get_closest_marker("django_db") is None:
+        if item.get_closest_marker("django_db") is None:
             item.add_marker(pytest.mark.django_db(transaction=True))
 
 
