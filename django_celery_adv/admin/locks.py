@@ -27,7 +27,6 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from django import forms
@@ -41,71 +40,12 @@ from django.utils.html import format_html
 
 from .. import conf
 from ..exceptions import CeleryAdvError
-from ..locks import Lease, force_release, holders
-from ..masking import is_secret_key, mask_text, url_secrets
+from ..locks import force_release, holders
+from ..locks.api import describe_holder
+from ..locks.operations import HolderReader, HolderReading, masked_error
 from ..models import LockDefinition
 
 logger = logging.getLogger(__name__)
-
-
-def backend_secrets(alias: str) -> list[str]:
-    """Secrets in a lock backend's OPTIONS: URL passwords and secret-named values."""
-    options = (conf.lock_backend_settings().get(alias) or {}).get("OPTIONS") or {}
-    found: list[str] = []
-    if isinstance(options, dict):
-        for key, value in options.items():
-            if isinstance(value, str):
-                found.extend(url_secrets(value) if "://" in value else [])
-                if is_secret_key(key):
-                    found.append(value)
-    return found
-
-
-def masked_error(alias: str, error: BaseException) -> str:
-    """An error of backend ``alias`` as operators may read it: no secret in it."""
-    text = str(error) if isinstance(error, CeleryAdvError) else f"{type(error).__name__}: {error}"
-    return mask_text(text, backend_secrets(alias))
-
-
-def describe_holder(lease: Lease) -> str:
-    """Who holds ``lease``, from what the backend stores: task id, host, pid."""
-    holder = lease.holder
-    where = f"host {holder.hostname or '?'} (pid {holder.pid})"
-    return f"task {holder.task_id} on {where}" if holder.task_id else where
-
-
-@dataclass
-class HolderReading:
-    """The holders of one lock as read in this request, or why they could not be."""
-
-    leases: list[Lease] = field(default_factory=list)
-    error: str | None = None
-
-
-class HolderReader:
-    """Reads the holders of many locks in one request.
-
-    A backend that failed once is not asked again by this reader: a server
-    that is down would otherwise make every further lock on it wait for its
-    own connection timeout.
-    """
-
-    def __init__(self) -> None:
-        self._failed: dict[str, str] = {}
-
-    def read(self, definition: LockDefinition) -> HolderReading:
-        alias = definition.backend
-        if alias in self._failed:
-            return HolderReading(error=self._failed[alias])
-        try:
-            return HolderReading(holders(definition.name, backend=alias))
-        except CeleryAdvError as e:
-            error = masked_error(alias, e)
-        except Exception as e:  # a backend bug must not take the admin down: say it, log it
-            logger.exception("Reading the holders of lock %r failed", definition.name)
-            error = masked_error(alias, e)
-        self._failed[alias] = error
-        return HolderReading(error=error)
 
 
 class LockDefinitionForm(forms.ModelForm):
@@ -149,7 +89,7 @@ class LockDefinitionForm(forms.ModelForm):
                 "they finish or force-release them first.",
                 code="held_on_old_backend",
                 params={"name": name, "old": old,
-                        "holders": "; ".join(describe_holder(lease) for lease in leases)})
+                        "holders": "; ".join(describe_holder(lease.holder) for lease in leases)})
         return backend
 
 
@@ -160,7 +100,7 @@ class LockChangeList(ChangeList):
         super().get_results(request)
         reader = HolderReader()
         for definition in self.result_list:  # evaluated once; the template reuses the rows
-            definition.holders_reading = reader.read(definition)
+            definition.holders_reading = reader.read(definition.name, definition.backend)
 
 
 @admin.register(LockDefinition)
@@ -192,7 +132,7 @@ class LockDefinitionAdmin(admin.ModelAdmin):
     @staticmethod
     def _reading(obj: LockDefinition) -> HolderReading:
         reading = getattr(obj, "holders_reading", None)
-        return reading if reading is not None else HolderReader().read(obj)
+        return reading if reading is not None else HolderReader().read(obj.name, obj.backend)
 
     @admin.display(description="holders now")
     def holders_now(self, obj: LockDefinition) -> str:

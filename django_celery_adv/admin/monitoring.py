@@ -39,12 +39,10 @@ from django.views.decorators.http import require_POST
 
 from ..exceptions import CeleryAdvError
 from ..locks import force_release
-from ..locks.backends import lock_backends
-from ..masking import mask_text
+from ..locks.operations import HolderReader, describe_backend, masked_error
 from ..models import LockDefinition, Monitoring
 from ..monitoring import inspect_all
 from ..registry import apps
-from .locks import HolderReader, backend_secrets, masked_error
 
 VIEW_PERMISSION = "django_celery_adv.view_monitoring"
 FORCE_RELEASE_PERMISSION = "django_celery_adv.force_release_lock"
@@ -183,21 +181,11 @@ class MonitoringAdmin(admin.ModelAdmin):
         for definition in definitions:
             alias = definition.backend
             if alias not in descriptions:
-                descriptions[alias] = self._describe(alias)
-            reading = reader.read(definition)
+                descriptions[alias] = describe_backend(alias)
+            reading = reader.read(definition.name, definition.backend)
             rows.append(HolderRow(definition, descriptions[alias], reading.leases,
                                   reading.error))
         return rows
-
-    @staticmethod
-    def _describe(alias: str) -> str:
-        try:
-            return mask_text(f"{alias}: {lock_backends[alias].describe()}",
-                             backend_secrets(alias))
-        except CeleryAdvError:
-            return f"{alias}: not configured"
-        except Exception as e:  # a backend that cannot even be built: say so, in place
-            return mask_text(f"{alias}: {type(e).__name__}: {e}", backend_secrets(alias))
 
     def force_release_view(self, request: HttpRequest) -> HttpResponse:
         return require_POST(self._force_release)(request)

@@ -154,10 +154,10 @@ after_fork(heartbeat._reset)
 
 
 def describe_holder(holder: Holder) -> str:
-    """A holder for log lines: its task id, else where it runs."""
-    if holder.task_id:
-        return f"task {holder.task_id}"
-    return f"{holder.hostname} pid {holder.pid}"
+    """Who holds a lease, from what the backend stores, for log lines and pages:
+    ``task <id> on host <host> (pid <pid>)``, or without the task outside one."""
+    where = f"host {holder.hostname or '?'} (pid {holder.pid})"
+    return f"task {holder.task_id} on {where}" if holder.task_id else where
 
 
 def report_lost(lease: Lease) -> None:

@@ -18,11 +18,17 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import conf
+from ..exceptions import CeleryAdvError
+from ..masking import is_secret_key, mask_text, url_secrets
 from .backends import lock_backends
 from .backends.base import Lease
+
+logger = logging.getLogger(__name__)
 
 
 def backend_alias(name: str) -> str:
@@ -60,3 +66,65 @@ def force_release(name: str, token: int | None = None, *, user: Any = None,
             LogEntry.objects.log_actions(user.pk, rows, CHANGE,
                                          change_message=f"Force-released token(s) {released}")
     return released
+
+
+def backend_secrets(alias: str) -> list[str]:
+    """Secrets in a lock backend's OPTIONS: URL passwords and secret-named values."""
+    options = (conf.lock_backend_settings().get(alias) or {}).get("OPTIONS") or {}
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if isinstance(value, str):
+                found.extend(url_secrets(value) if "://" in value else [])
+                if is_secret_key(key):
+                    found.append(value)
+    return found
+
+
+def masked_error(alias: str, error: BaseException) -> str:
+    """An error of backend ``alias`` as operators may read it: no secret in it."""
+    text = str(error) if isinstance(error, CeleryAdvError) else f"{type(error).__name__}: {error}"
+    return mask_text(text, backend_secrets(alias))
+
+
+def describe_backend(alias: str) -> str:
+    """``alias: where it points`` for pages and commands, masked; never raises."""
+    try:
+        return mask_text(f"{alias}: {lock_backends[alias].describe()}", backend_secrets(alias))
+    except CeleryAdvError:
+        return f"{alias}: not configured"
+    except Exception as e:  # a backend that cannot even be built: say so, in place
+        return f"{alias}: {masked_error(alias, e)}"
+
+
+@dataclass
+class HolderReading:
+    """The holders of one lock as read now, or why they could not be."""
+
+    leases: list[Lease] = field(default_factory=list)
+    error: str | None = None
+
+
+class HolderReader:
+    """Reads the holders of many locks for one page or command run.
+
+    A backend that failed once is not asked again by this reader: a server
+    that is down would otherwise make every further lock on it wait for its
+    own connection timeout.
+    """
+
+    def __init__(self) -> None:
+        self._failed: dict[str, str] = {}
+
+    def read(self, name: str, backend: str) -> HolderReading:
+        if backend in self._failed:
+            return HolderReading(error=self._failed[backend])
+        try:
+            return HolderReading(holders(name, backend=backend))
+        except CeleryAdvError as e:
+            error = masked_error(backend, e)
+        except Exception as e:  # a backend bug must not take a page down: say it, log it
+            logger.exception("Reading the holders of lock %r failed", name)
+            error = masked_error(backend, e)
+        self._failed[backend] = error
+        return HolderReading(error=error)

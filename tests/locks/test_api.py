@@ -240,7 +240,7 @@ def test_lost_lease_log_names_the_process_when_no_task_holds_it(caplog):
                   acquired_at=utcnow(), expires_at=utcnow())
     with caplog.at_level(logging.ERROR, logger="django_celery_adv.locks"):
         report_lost(lease)
-    assert "held by web1 pid 77" in caplog.text and "None" not in caplog.text
+    assert "held by host web1 (pid 77)" in caplog.text and "None" not in caplog.text
 
 
 # -- B15: override_settings resets the registries ---------------------------------------
