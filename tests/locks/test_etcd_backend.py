@@ -180,13 +180,14 @@ def test_force_release_deletes_the_key_and_revokes_its_lease(backend, raw):
 
 # -- processes ---------------------------------------------------------------------------
 
-def _contend_in_child(backend: EtcdBackend, parent_client, now, peak, rounds: int) -> None:
+def _contend_in_child(backend: EtcdBackend, name: str, parent_client, now, peak,
+                      rounds: int) -> None:
     # Forked with the parent's backend object, its client and pooled connections.
     assert backend._clients.get() is not parent_client
     assert backend._clients.get().session is not parent_client.session
     done = 0
     while done < rounds:
-        lease = backend.acquire("forked", 2, holder(f"p{os.getpid()}"), TTL)
+        lease = backend.acquire(name, 2, holder(f"p{os.getpid()}"), TTL)
         if lease is None:
             time.sleep(0.003)
             continue
@@ -200,13 +201,13 @@ def _contend_in_child(backend: EtcdBackend, parent_client, now, peak, rounds: in
         done += 1
 
 
-def test_forked_children_use_their_own_http_session(backend):
-    backend.release(backend.acquire("forked", 2, holder("parent"), TTL))
+def test_forked_children_use_their_own_http_session(backend, lock_name):
+    backend.release(backend.acquire(lock_name, 2, holder("parent"), TTL))
     parent_client = backend._clients.get()
     context = multiprocessing.get_context("fork")
     now, peak = context.Value("i", 0), context.Value("i", 0)
     children = [context.Process(target=_contend_in_child,
-                                args=(backend, parent_client, now, peak, 6))
+                                args=(backend, lock_name, parent_client, now, peak, 6))
                 for _ in range(4)]
     for child in children:
         child.start()
@@ -214,9 +215,9 @@ def test_forked_children_use_their_own_http_session(backend):
         child.join(120)
 
     assert [child.exitcode for child in children] == [0] * 4
-    assert peak.value == 2
+    assert 1 <= peak.value <= 2  # never over capacity (a loaded machine may not overlap)
     assert backend._clients.get() is parent_client  # the parent's client is untouched
-    assert backend.holders("forked") == []
+    assert backend.holders(lock_name) == []
 
 
 # -- a server that hangs ------------------------------------------------------------
