@@ -108,6 +108,7 @@ def check(records: list[dict[str, Any]], faults: list[dict[str, Any]],
         "overlaps": len(found),
         "duplicate_tokens": duplicate_tokens(grants),
         "phantoms": sum(1 for g in grants if phantom(g)),
+        "phantoms_valid": sum(1 for g in grants if phantom(g) and g["first_valid"] is not None),
         "phantom_examples": [_brief(g) | {"granted": g["granted"], "released": g.get("released")}
                              for g in grants if phantom(g)][:5],
         "overlap_examples": found[:5],
