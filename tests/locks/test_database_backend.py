@@ -206,6 +206,26 @@ def test_lock_statements_run_on_own_read_committed_connection():
         backend.close()
 
 
+def test_connection_of_an_ended_thread_is_closed_when_the_next_opens():
+    backend = new_backend()
+    opened = []
+
+    def use() -> None:
+        backend.holders("threads")
+        opened.append(connections[database_module.statement_alias("default")])
+
+    for _ in range(2):
+        thread = threading.Thread(target=use)
+        thread.start()
+        thread.join(30)
+    first, second = opened
+    assert first is not second  # one per thread
+    assert first.connection is None  # its thread had ended: closed, not leaked
+    assert second.connection is not None
+    backend.close()
+    assert second.connection is None  # close() reaches every thread's connection
+
+
 def test_grant_and_release_commit_whatever_the_callers_transaction():
     """A lock taken inside ``transaction.atomic`` is visible to others at once and
     survives the caller's rollback (PostgreSQL, MariaDB/MySQL). SQLite is the
