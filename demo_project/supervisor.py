@@ -9,8 +9,8 @@ Guarantees:
   (``backoff`` seconds, doubled for each crash in a row up to ``max_backoff``;
   a child that ran ``stable_after`` seconds starts again from ``backoff``).
   Its real error line is reported: the last ``CRITICAL``/"Unrecoverable
-  error" line or the last traceback's exception line of *that* run, which a
-  plain log tail can miss. The other children are not touched.
+  error" line of *that* run (which a plain log tail can miss), else the
+  exception of a traceback ending its log, else its last line. The other children are not touched.
 * :meth:`Supervisor.stop` sends SIGTERM to each child's main process (a Celery
   worker then finishes its tasks: warm shutdown), reports each one as it
   exits, SIGKILLs the group of any child still there at ``grace`` seconds (a
@@ -38,24 +38,25 @@ CRITICAL = re.compile(r"CRITICAL|Unrecoverable error")
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
 
-def error_line(log: str) -> str:
-    """The line of ``log`` that says why the process died (the last non-empty one if none)."""
+def error_line(log: str, *, signalled: bool = False) -> str:
+    """The line of ``log`` that says why the process ended.
+
+    The last CRITICAL/"Unrecoverable error" line; else, unless a signal ended
+    the process (then its log does not say why), the exception line of a
+    traceback that ends the log, followed by no log record (a task's
+    traceback with records after it is not why a worker ended); else the
+    last line.
+    """
     lines = [line.rstrip() for line in log.splitlines() if line.strip()]
     for line in reversed(lines):
         if CRITICAL.search(line):
             return line.strip()
-    in_traceback = False
-    found = ""
-    for line in lines:
-        if line.startswith("Traceback (most recent call last)"):
-            in_traceback = True
-        elif in_traceback and not line[:1].isspace():
-            in_traceback, found = False, line  # first unindented line: the exception
-    if found:
-        return found
-    for line in reversed(lines):
-        if EXCEPTION.match(line):
-            return line
+    if not signalled and any(line.startswith("Traceback (most recent") for line in lines):
+        for line in reversed(lines):
+            if EXCEPTION.match(line):
+                return line
+            if line.startswith("["):  # a log record came after it
+                break
     return lines[-1] if lines else "(its log is empty)"
 
 
@@ -151,8 +152,12 @@ class Supervisor:
                 child.crashes = 1 if ran >= self.stable_after else child.crashes + 1
                 delay = min(self.max_backoff, self.backoff * 2 ** (child.crashes - 1))
                 child.restart_at = now + delay
-                self.say(f"{child.name} exited with {child.process.returncode} after "
-                         f"{ran:.0f} s: {error_line(child.log_since_start())}\n"
+                code = child.process.returncode
+                how = (f"was killed by {signal.Signals(-code).name} after {ran:.0f} s; "
+                       "its log ends with" if code < 0
+                       else f"exited with {code} after {ran:.0f} s")
+                self.say(f"{child.name} {how}: "
+                         f"{error_line(child.log_since_start(), signalled=code < 0)}\n"
                          f"  (log: {child.log_path}); restarting it in {delay:g} s")
 
     def run(self, stopping: Callable[[], bool], interval: float = 0.2) -> None:

@@ -133,6 +133,23 @@ def _check_send_demo_tasks(demo: Demo) -> None:
     assert "dropped, not queued" in lines[6]
 
 
+def _check_a_killed_worker_is_restarted_and_the_admin_stays_up(demo: Demo) -> None:
+    worker = next(pid for pid in _descendants(demo.process.pid)
+                  if b"celery\0default\0worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                  and _parent(pid) == demo.process.pid)
+    log = demo.var_dir / "logs" / "worker-default.log"
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: "restarting worker-default" in demo.text(), 30, "the restart")
+    wait_until(lambda: log.read_text().count("ready.") == 2, 60, "the new worker ready")
+    assert "worker-default was killed by SIGKILL after" in demo.text(), demo.text()
+    assert _answers(f"http://127.0.0.1:{demo.port}/admin/login/")
+    assert demo.process.poll() is None
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
 @pytest.fixture
 def var_dir() -> Path:
     path = Path(settings.BUILD_DIR) / f"demo-launch-{os.getpid()}"
@@ -146,6 +163,7 @@ def test_sighup_stops_everything_in_10s_and_the_next_run_starts(var_dir):
     try:
         demo.wait_up()
         _check_send_demo_tasks(demo)
+        _check_a_killed_worker_is_restarted_and_the_admin_stays_up(demo)
         elapsed, remaining = demo.stop_with(signal.SIGHUP)
         print(f"SIGHUP: launcher exited {demo.process.returncode} after {elapsed:.1f}s, "
               f"{len(remaining)} processes left, port free: {not listening(port)}")

@@ -47,6 +47,18 @@ def test_error_line_without_a_critical_line_is_the_traceback_exception():
                                "line 1 column 1 (char 0)")
 
 
+def test_error_line_is_not_a_task_traceback_further_up():
+    last = "[2026-11-30 08:20:01,002: INFO/MainProcess] Task demo.tasks.add[1] received"
+    log = f"[..: ERROR/ForkPoolWorker-1] Task demo.tasks.charge_invoice raised\n{TRACEBACK}{last}\n"
+    assert error_line(log) == last
+
+
+def test_error_line_of_a_killed_process_is_its_critical_line_or_its_last():
+    log = f"{CRITICAL_LINE}\n{TRACEBACK}[..: INFO/MainProcess] Task demo.tasks.add[1] received\n"
+    assert error_line(log, signalled=True) == CRITICAL_LINE
+    assert error_line(f"{TRACEBACK}Exiting.\n", signalled=True) == "Exiting."
+
+
 def test_a_crashed_child_is_restarted_with_backoff_the_others_keep_running(log_dir):
     """Crashes twice (its error line reported each time), then stays up; "web" never stops."""
     counter = log_dir / "starts"
