@@ -132,6 +132,19 @@ def test_lowered_capacity_keeps_holders_and_grants_nothing_until_below_it(backen
     assert backend.acquire(lock_name, 1, holder("more"), TTL) is None
 
 
+def test_names_are_independent_whatever_characters_they_hold(backend, lock_name):
+    suffixes = ["", "/slots", "/slots/0", ":slots", "}", "*", ".x", " x", "\u00e9"]
+    leases = [backend.acquire(lock_name + suffix, 1, holder(f"t{suffix}"), TTL)
+              for suffix in suffixes]
+
+    assert [lease is not None and lease.slot for lease in leases] == [0] * len(suffixes)
+    assert [h.holder.task_id for h in backend.holders(lock_name)] == ["t"]
+    assert [h.holder.task_id for h in backend.holders(lock_name + "/slots")] == ["t/slots"]
+    backend.release(leases[0])
+    assert backend.holders(lock_name) == []
+    assert len(backend.holders(lock_name + "/slots/0")) == 1
+
+
 # -- fencing tokens -----------------------------------------------------------------
 
 def test_tokens_strictly_grow_across_clients_and_capacity_changes(backend_name, make_backend,
@@ -269,6 +282,7 @@ def test_lease_and_holders_fields(backend, lock_name):
         lock_name, 0, backend.alias, 12.5)
     assert lease.owner_pid == os.getpid()
     assert lease.acquired_at <= lease.expires_at
+    assert (lease.expires_at - lease.acquired_at).total_seconds() == pytest.approx(12.5, abs=0.1)
     # Display times (the server's clock where it has one) on this host's time axis.
     assert abs(lease.acquired_at - before) < timedelta(seconds=5)
     assert lease.acquired_at.tzinfo is not None
@@ -276,10 +290,11 @@ def test_lease_and_holders_fields(backend, lock_name):
     assert [(h.name, h.slot, h.token, h.backend) for h in listed] == [
         (lock_name, 0, lease.token, backend.alias), (lock_name, 1, anonymous.token, backend.alias)]
     assert [h.holder for h in listed] == [holder("task-1"), holder(None)]
+    # holders() reads back the grant's own display time (same precision).
+    assert [h.acquired_at for h in listed] == [lease.acquired_at, anonymous.acquired_at]
     for h in listed:
         assert h.acquired_at <= h.expires_at
         assert h.ttl == pytest.approx(12.5)
-        assert abs(h.acquired_at - lease.acquired_at) < timedelta(seconds=2)
         assert not h.is_valid()  # a listing is no lease this process may count on
 
 
