@@ -1,31 +1,28 @@
 """Lock backend on ZooKeeper: kazoo's ``Semaphore`` recipe, for every capacity.
 
-A lock is the Semaphore at ``<root>/<quoted name>/semaphore`` (data: the stored
-``max_leases``; children: the leases; its own lock beside it, ``semaphore-__lock__``).
-A grant takes that lock, counts the leases and creates its node as plain kazoo
-does, so a plain ``kazoo.recipe.lock.Semaphore`` on the same path shares the
-count. A lease node is ephemeral, named ``<uuid>-slot<n>``, with the holder as
-JSON (``task_id``, ``hostname``, ``pid``, ``slot``, ``ttl``), which
-``lease_holders()`` of any kazoo client lists. The token is its ``czxid``.
+A lock is the Semaphore at ``<root>/<quoted name>/semaphore``. A grant takes the
+recipe's own lock, counts the leases and creates its node, as plain kazoo does:
+a plain ``kazoo.recipe.lock.Semaphore`` on the same path shares the count. A
+lease node is ephemeral, named ``<uuid>-slot<n>``, holds the holder as JSON
+(``task_id``, ``hostname``, ``pid``, ``slot``, ``ttl``; ``lease_holders()``
+lists it), and its ``czxid`` is the fencing token.
 
 Guarantees
 ==========
 
 * Never more leases than the capacity, plain kazoo ones included; a lowered
-  capacity grants nothing until the leases are below it. Tokens grow (zxid
-  order). The slot is the lowest free one (a plain kazoo lease takes one too).
-* A full lock answers None without a write: leases are counted before the
-  recipe runs, so polls burn no sequence number. A count found full is kept,
-  with a watch, until the leases change: meanwhile a poll costs no round trip
-  (another session's release is seen when its watch event arrives, ms later).
-* kazoo refuses a Semaphore whose ``max_leases`` differs from the stored one
-  (``ValueError``): a new capacity is stored under the Semaphore's own lock.
-* A dead holder's slot frees when ZooKeeper expires its session, after the
-  ``timeout`` option rounded up to the server's tick (keep it within the
-  server's bounds, 2 to 20 ticks: validity is computed from it).
-* Validity is the session's, never the lock TTL: a lease counts as held for
-  ``timeout`` less a tenth from when the last request that found its node was
-  sent (the grant, or ``renew``: one ``exists``); the caller renews within that.
+  capacity grants nothing until below it. Tokens grow (zxid order). The slot is
+  the lowest free one (a plain kazoo lease takes one too).
+* A full lock answers None without a write (leases are counted before the
+  recipe runs): polls burn no sequence number. A count found full is kept, with
+  a watch, until the leases change: meanwhile a poll costs no round trip.
+* A ``max_leases`` stored by another capacity (kazoo's ``ValueError``) is
+  replaced under the Semaphore's own lock; plain clients use the stored one.
+* A dead holder's slot frees when its session expires: ``timeout`` rounded up
+  to the server's tick (keep it within the server's 2 to 20 ticks).
+* Validity is the session's, not the lock TTL's: ``timeout`` less a tenth from
+  when the last request that found the node was sent (the grant, or ``renew``:
+  one ``exists``), so the caller must renew within that.
 * One client per process (``PerProcess``): a forked child has its own session
   and never releases, nor reports lost, its parent's leases.
 
@@ -33,15 +30,14 @@ Error handling
 ==============
 
 ``SUSPENDED`` makes every lease invalid at once (Curator's rule) until a
-``renew`` after the reconnection finds its node. ``LOST`` (the session expired,
-its nodes with it) marks every lease lost, logs it and calls ``on_lost`` from a
-thread of ours, never kazoo's. While disconnected, requests fail at once instead
-of queueing for a reconnection: a down server raises ``LockError`` (through
-``translate_errors``) within ``connect_timeout``. A write whose reply a
-connection loss swallowed may have left a node (a lease, the recipe's lock
-node) in a session that survives: after each reconnection, nodes of this
-session that no lease owns are deleted. ``release`` deletes the node even of a
-lease marked lost, and ``renew`` one it finds: it would block the slot as long.
+``renew`` after the reconnection finds its node; ``LOST`` (session expired,
+nodes gone) marks every lease lost, logs it and calls ``on_lost`` from a thread
+of ours. While disconnected, requests fail at once instead of waiting for a
+reconnection, so a down server raises ``LockError`` (``translate_errors``)
+within ``connect_timeout``. A write whose reply a connection loss swallowed may
+leave a node in a session that survives: after each reconnection, nodes of this
+session that no lease owns are deleted. For the same reason ``release`` deletes
+the node even of a lease marked lost, and ``renew`` one it finds.
 """
 
 from __future__ import annotations
@@ -123,16 +119,12 @@ def _place(children: list[str]) -> tuple[dict[str, int], int]:
 
 
 def _read(client: KazooClient, folder: str) -> list[tuple[str, bytes, ZnodeStat]]:
-    """(name, data, stat) of each child of ``folder``, the reads sent together."""
-    try:
-        requests = [(child, client.get_async(f"{folder}/{child}"))
-                    for child in client.get_children(folder)]
-    except zk.NoNodeError:
-        return []
+    """(name, data, stat) of each child of ``folder``."""
     nodes = []
-    for child, request in requests:
-        with contextlib.suppress(zk.NoNodeError):  # gone while we read
-            nodes.append((child, *request.get()))
+    with contextlib.suppress(zk.NoNodeError):
+        for child in client.get_children(folder):
+            with contextlib.suppress(zk.NoNodeError):  # gone while we read
+                nodes.append((child, *client.get(f"{folder}/{child}")))
     return nodes
 
 
@@ -195,9 +187,11 @@ class ZooKeeperBackend(LockBackend):
         return f"{self.root}/{node.replace('.', '%2E') if node in ('.', '..') else node}/semaphore"
 
     def acquire(self, name: str, capacity: int, holder: Holder, ttl: float) -> Lease | None:
+        if capacity <= 0:
+            return None  # paused
         session, path = self._session.get(), self._path(name)
-        if capacity <= 0 or session.full.get(path, -1) >= capacity:
-            return None  # paused, or counted full and no change seen since
+        if session.full.get(path, -1) >= capacity:
+            return None  # counted full, and no change seen since
         turn = session.turn(path)  # threads of this process queue here, not on the server
         if not turn.acquire(timeout=self.guard_timeout):
             return None
