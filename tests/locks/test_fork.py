@@ -4,6 +4,8 @@ can reach, through the public ``lock()``:
 * the child takes a lock of its own within 1 s, also when it was forked right
   after the parent's acquire (it used to hang forever: the heartbeat's condition
   lock was inherited held);
+* a child that leaves the parent's ``lock()`` block (its code simply returns)
+  frees nothing: the parent keeps its lock;
 * the parent's lease is the parent's alone: SIGKILL the parent and its slot is
   free within its TTL + 1 s (ZooKeeper: session timeout + one tick + 1 s) while
   the child lives on, and the child never reports the parent's lease lost (it
@@ -83,20 +85,32 @@ def _child(name_b: str, key: str, forked_at: float) -> None:
         os._exit(0)
 
 
-def _parent(name_a: str, name_b: str, key: str, settle: float) -> None:
-    """The "parent" process: hold lock A, fork the child, sit on A until SIGKILLed."""
+def _parent(name_a: str, name_b: str, key: str, settle: float, child_leaves: bool) -> None:
+    """The "parent" process: hold lock A, fork the child, sit on A until SIGKILLed.
+
+    With ``child_leaves`` the child does not take B: it leaves the ``lock(A)``
+    block as code after a fork does when it simply returns, then reports."""
     reports = redis.Redis.from_url(settings.REDIS_URL)
-    with lock(name_a, on_lost=lambda lease: reports.rpush(
-            f"{key}:lost", f"parent {os.getpid()}: {lease.name}")) as lease:
-        # settle == 0: fork right after the acquire, the heartbeat just started.
-        if settle:
-            time.sleep(settle)
-        forked_at = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            _child(name_b, key, forked_at)
-        reports.set(f"{key}:parent", json.dumps({"token": lease.token, "child_pid": pid}))
-        time.sleep(60)
+    in_child = False
+    try:
+        with lock(name_a, on_lost=lambda lease: reports.rpush(
+                f"{key}:lost", f"parent {os.getpid()}: {lease.name}")) as lease:
+            # settle == 0: fork right after the acquire, the heartbeat just started.
+            if settle:
+                time.sleep(settle)
+            forked_at = time.monotonic()
+            pid = os.fork()
+            if pid == 0 and not child_leaves:
+                _child(name_b, key, forked_at)
+            in_child = pid == 0
+            if not in_child:
+                reports.set(f"{key}:parent", json.dumps({"token": lease.token,
+                                                         "child_pid": pid}))
+                time.sleep(60)
+    finally:
+        if in_child:  # the block's exit ran in the child: say so, and end here
+            reports.set(f"{key}:child", json.dumps({"pid": os.getpid()}))
+            os._exit(0)
 
 
 @dataclass
@@ -138,7 +152,7 @@ def reap(process: multiprocessing.Process) -> None:
 
 
 @contextlib.contextmanager
-def scenario(alias: str, settle: float) -> Iterator[Scenario]:
+def scenario(alias: str, settle: float, child_leaves: bool = False) -> Iterator[Scenario]:
     """Start the parent (which forks the child); kill whatever is left at the end."""
     name_a, name_b = (f"fork-{uuid.uuid4().hex[:10]}-{part}" for part in "ab")
     for name in (name_a, name_b):
@@ -148,7 +162,7 @@ def scenario(alias: str, settle: float) -> Iterator[Scenario]:
     reports = redis.Redis.from_url(settings.REDIS_URL)
     connections.close_all()  # the parent process opens its own
     parent = multiprocessing.get_context("fork").Process(
-        target=_parent, args=(name_a, name_b, key, settle), daemon=True)
+        target=_parent, args=(name_a, name_b, key, settle, child_leaves), daemon=True)
     parent.start()
     try:
         yield Scenario(alias, name_a, key, parent, reports)
@@ -209,3 +223,19 @@ def test_sigkilled_parent_frees_its_lock_while_its_forked_child_runs(alias, fres
 
         assert _alive(child["pid"]), "the child must outlive the parent for this to prove anything"
         assert run.lost() == []  # the child never took the parent's lease for its own
+
+
+@pytest.mark.parametrize("alias", PROCESS_BACKENDS)
+def test_a_forked_child_leaving_the_lock_block_leaves_the_parent_its_lock(alias,
+                                                                          fresh_backend):
+    backend = fresh_backend(alias)
+    with scenario(alias, settle=0.3, child_leaves=True) as run:
+        parent = run.report("parent", HUNG_AFTER)
+        child = run.report("child", HUNG_AFTER)
+        assert parent is not None and child is not None, (parent, child)
+
+        assert [lease.token for lease in backend.holders(run.name_a)] == [parent["token"]]
+        time.sleep(TTL)  # and the parent's heartbeat still renews it
+        assert [lease.token for lease in backend.holders(run.name_a)] == [parent["token"]]
+        assert backend.acquire(run.name_a, 1, Holder(task_id="intruder"), 30) is None
+        assert run.lost() == []
