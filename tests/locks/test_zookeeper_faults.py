@@ -79,7 +79,7 @@ def connected(backend: ZooKeeperBackend) -> bool:
 # -- an outage shorter than the session: SUSPENDED, then the same session -------------
 
 def outage(backend: ZooKeeperBackend, proxy: TcpProxy, during: Callable[[], None]) -> None:
-    """Cut the backend off for half a session timeout, run ``during`` as soon
+    """Cut the backend off for 0.4 session timeout, run ``during`` as soon
     as the client has noticed (SUSPENDED), then heal: the session survives."""
     session = backend._client().client_id[0]
     proxy.blackhole()
@@ -87,7 +87,7 @@ def outage(backend: ZooKeeperBackend, proxy: TcpProxy, during: Callable[[], None
     cut_at = time.monotonic()
     wait_for(lambda: not connected(backend), 2, step=0.001)
     during()
-    time.sleep(max(0.0, cut_at + SESSION_TIMEOUT / 2 - time.monotonic()))
+    time.sleep(max(0.0, cut_at + SESSION_TIMEOUT * 0.4 - time.monotonic()))
     proxy.forward()
     proxy.cut()  # end the handshake kazoo sent into the blackhole: reconnect now
     wait_for(lambda: connected(backend), SESSION_TIMEOUT)
