@@ -427,3 +427,21 @@ def test_check_warns_about_unsupported_databases():
     with override_settings(USE_TZ=False):
         [message] = w010()
         assert "USE_TZ is False" in message
+    with lock_backend_on(mock.Mock(vendor="mysql", settings_dict={"TIME_ZONE": "Europe/Paris"})):
+        [message] = w010()
+        assert "TIME_ZONE 'Europe/Paris'" in message
+
+
+if VENDOR == "mysql":  # storage engines are a MariaDB/MySQL matter
+
+    def test_check_warns_about_lock_tables_without_innodb():
+        table = connections["default"].ops.quote_name(LockFence._meta.db_table)
+        with connections["default"].cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table} ENGINE=MyISAM")
+        try:
+            [message] = w010(databases=["default"])
+            assert "uses the MyISAM storage engine, not InnoDB" in message
+            assert w010() == []  # queried only when the check may touch the database
+        finally:
+            with connections["default"].cursor() as cursor:
+                cursor.execute(f"ALTER TABLE {table} ENGINE=InnoDB")
