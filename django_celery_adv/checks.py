@@ -386,3 +386,53 @@ def check_scalars(config: Mapping[str, Any]) -> list[CheckMessage]:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# -- BEAT (django_celery_adv.beat) -------------------------------------------------
+# E020 BEAT is not a dict or has an unknown key; E021 its LOCK_BACKEND is not a
+# LOCK_BACKENDS alias; E022 TTL is not a number >= 1; E023 MISFIRE_GRACE is not
+# None, a number >= 0 or a {glob: number} dict; E024 ON_BUSY is not skip/send;
+# E025 APPS is not a dict, or names an unknown app, or an entry with a bad key.
+
+@register(Tags.compatibility)
+def check_beat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    raw = conf.user_settings()
+    beat = raw.get("BEAT", {}) if isinstance(raw, dict) else {}
+    defaults = conf.DEFAULTS["BEAT"]
+    if not isinstance(beat, dict):
+        return [_error("E020", f"CELERY_ADV['BEAT'] must be a dict, not {type(beat).__name__}.")]
+    messages = [_error("E020", f"CELERY_ADV['BEAT'] has an unknown key {key!r}.",
+                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+                for key in sorted(set(beat) - set(defaults))]
+    per_app = beat.get("APPS", {})
+    if not isinstance(per_app, dict):
+        return [*messages, _error("E025", "CELERY_ADV['BEAT']['APPS'] must be a dict of "
+                                          "app alias -> beat settings.")]
+    sections = [("CELERY_ADV['BEAT']", {**defaults, **beat})]
+    for alias, overrides in per_app.items():
+        where = f"CELERY_ADV['BEAT']['APPS'][{alias!r}]"
+        if alias not in conf.app_settings():
+            messages.append(_error("E025", f"{where}: no app {alias!r} in CELERY_ADV['APPS']."))
+        if not isinstance(overrides, dict) or set(overrides) - (set(defaults) - {"APPS"}):
+            messages.append(_error("E025", f"{where} must be a dict of LOCK_BACKEND, TTL, "
+                                           "MISFIRE_GRACE and ON_BUSY overrides."))
+        elif overrides:
+            sections.append((where, overrides))
+    for where, values in sections:
+        if "LOCK_BACKEND" in values and values["LOCK_BACKEND"] not in \
+                conf.lock_backend_settings():
+            messages.append(_error("E021", f"{where}['LOCK_BACKEND'] is "
+                                           f"{values['LOCK_BACKEND']!r}, not a lock backend of "
+                                           "CELERY_ADV['LOCK_BACKENDS']."))
+        if "TTL" in values and not (_number(values["TTL"]) and values["TTL"] >= 1):
+            messages.append(_error("E022", f"{where}['TTL'] is {values['TTL']!r}; expected "
+                                           "seconds >= 1 (the beat ticks every TTL/4)."))
+        grace = values.get("MISFIRE_GRACE")
+        graces = grace.values() if isinstance(grace, dict) else [grace]
+        if not all(g is None or (_number(g) and g >= 0) for g in graces):
+            messages.append(_error("E023", f"{where}['MISFIRE_GRACE'] is {grace!r}; expected "
+                                           "None, seconds >= 0, or {name glob: seconds}."))
+        if values.get("ON_BUSY", "skip") not in ("skip", "send"):
+            messages.append(_error("E024", f"{where}['ON_BUSY'] is {values['ON_BUSY']!r}; "
+                                           "expected 'skip' or 'send'."))
+    return messages

@@ -10,6 +10,6 @@ Importing the package registers all three on the default admin site (Django's
 area's holder reading, nothing imports ``monitoring``, so there is no cycle.
 """
 
-from . import failures, locks, monitoring
+from . import beat, failures, locks, monitoring
 
-__all__ = ["failures", "locks", "monitoring"]
+__all__ = ["beat", "failures", "locks", "monitoring"]

@@ -1,14 +1,21 @@
-"""``manage.py celery_status [ping|active|stats|queues]``: every app's workers at once.
+"""``manage.py celery_status [ping|active|stats|queues|beat]``: every app's workers at once.
 
 Reads all apps of ``CELERY_ADV["APPS"]`` (or those named with ``--app``)
 concurrently through :func:`django_celery_adv.monitoring.inspect_all`. The
 default output reads like ``celery inspect ping``, grouped by app, followed by
 one workers table; ``--json`` prints the readings instead.
 
+``beat`` prints each app's beat health instead (leader, standbys, last tick:
+:func:`django_celery_adv.beat.health.app_health`, read from the database, no
+broker asked); ``--require-beat`` adds it to any other reading and to the exit
+status.
+
 Exit status, so it serves as a container health check: 0 when every app's
-broker answered and at least one of its workers is online, 1 otherwise, 2 for
-a configuration error (an unknown alias, a system-check error, a bad option).
-Broker passwords never appear in the output.
+broker answered and at least one of its workers is online (``beat``: when each
+app has a beat leader whose last tick is at most 3 max intervals old; both with
+``--require-beat``), 1 otherwise, 2 for a configuration error (an unknown
+alias, a system-check error, a bad option). Broker passwords never appear in
+the output.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from django.core.management.base import (
     CommandParser,
     SystemCheckError,
 )
+from django.db import DatabaseError
 
+from django_celery_adv.beat.health import AppBeatHealth, app_health
 from django_celery_adv.exceptions import CeleryAdvError
 from django_celery_adv.monitoring import AppStatus, WorkerStatus, inspect_all
 from django_celery_adv.registry import apps
@@ -53,14 +62,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("what", nargs="?", default="ping",
-                            choices=["ping", "active", "stats", "queues"],
-                            help="What to print per worker before the table (default: ping).")
+                            choices=["ping", "active", "stats", "queues", "beat"],
+                            help="What to print per worker before the table (default: ping); "
+                                 "beat: only the beat health of each app.")
         parser.add_argument("--app", action="append", dest="aliases", metavar="ALIAS",
                             help="Only this app (repeat for several); default: all apps.")
         parser.add_argument("--timeout", type=float, default=None, metavar="S",
                             help="Seconds to wait for replies (default: INSPECT_TIMEOUT).")
         parser.add_argument("--json", action="store_true", dest="as_json",
                             help="Print the readings as JSON.")
+        parser.add_argument("--require-beat", action="store_true",
+                            help="Also read beat health; exit 1 when an app has no beat "
+                                 "leader or its last tick is older than 3 max intervals.")
 
     def check(self, *args: Any, **kwargs: Any) -> None:
         # A system-check error is a configuration error: exit 2, not Django's 1,
@@ -71,7 +84,8 @@ class Command(BaseCommand):
             raise CommandError(str(e), returncode=2) from e
 
     def handle(self, *args: Any, what: str, aliases: list[str] | None,
-               timeout: float | None, as_json: bool, **options: Any) -> None:
+               timeout: float | None, as_json: bool, require_beat: bool = False,
+               **options: Any) -> None:
         if timeout is not None and not timeout > 0:
             raise CommandError("--timeout must be a positive number of seconds", returncode=2)
         unknown = [alias for alias in aliases or [] if alias not in apps]
@@ -79,26 +93,84 @@ class Command(BaseCommand):
             raise CommandError(
                 f"unknown app {', '.join(map(repr, unknown))}; CELERY_ADV['APPS'] has: "
                 f"{', '.join(apps) or 'none'}", returncode=2)
+        if what == "beat":
+            self.handle_beat(aliases or list(apps), as_json)
+            return
         try:
             statuses = inspect_all(aliases, timeout=timeout)
         except CeleryAdvError as e:  # an app whose settings cannot be built
             raise CommandError(str(e), returncode=2) from e
+        beats = self.read_beats(list(statuses)) if require_beat else {}
 
         if as_json:
-            self.stdout.write(json.dumps(
-                {alias: status.as_dict() for alias, status in statuses.items()}, indent=2))
+            data = {alias: status.as_dict() for alias, status in statuses.items()}
+            for alias, health in beats.items():
+                data[alias]["beat"] = health.as_dict()
+            self.stdout.write(json.dumps(data, indent=2))
         else:
             for status in statuses.values():
                 self.write_app(status, what)
             self.write_table(statuses.values())
+            for health in beats.values():
+                self.write_beat(health)
 
         unhealthy = [
             f"{status.alias} ({'no worker online' if status.reachable else 'unreachable'})"
             for status in statuses.values() if not status.healthy]
+        unhealthy += [f"{health.alias} ({health.problem})" for health in beats.values()
+                      if not health.healthy]
+        if unhealthy:
+            raise CommandError(f"unhealthy: {', '.join(unhealthy)}", returncode=1)
+
+    def read_beats(self, aliases: list[str]) -> dict[str, AppBeatHealth]:
+        try:
+            return app_health(aliases)
+        except DatabaseError as e:  # health rows live in the database
+            raise CommandError(f"cannot read beat health: {e}", returncode=1) from e
+
+    def handle_beat(self, aliases: list[str], as_json: bool) -> None:
+        beats = self.read_beats(aliases)
+        if as_json:
+            self.stdout.write(json.dumps(
+                {alias: {"beat": health.as_dict()} for alias, health in beats.items()},
+                indent=2))
+        else:
+            for health in beats.values():
+                self.write_beat(health)
+        unhealthy = [f"{health.alias} ({health.problem})" for health in beats.values()
+                     if not health.healthy]
         if unhealthy:
             raise CommandError(f"unhealthy: {', '.join(unhealthy)}", returncode=1)
 
     # -- text output ---------------------------------------------------------------
+
+    def write_beat(self, health: AppBeatHealth) -> None:
+        self.stdout.write(self.style.MIGRATE_HEADING(f"{health.alias}: beat"))
+        leader = health.leader
+        if leader is None:
+            self.stdout.write(self.style.ERROR("-> no leader"))
+        else:
+            since = leader.leader_since.strftime("%Y-%m-%d %H:%M:%S UTC") \
+                if leader.leader_since else UNKNOWN
+            line = (f"-> leader {leader.hostname} pid {leader.pid}: token {leader.token}, "
+                    f"since {since}, last tick {leader.age:.1f} s ago "
+                    f"(lag {leader.tick_lag:.2f} s), sent {leader.sent}")
+            self.stdout.write(self.style.ERROR(line) if leader.stale
+                              else self.style.SUCCESS(line))
+            if leader.next_due_name:
+                due = leader.next_due_at.strftime("%H:%M:%S UTC") if leader.next_due_at \
+                    else UNKNOWN
+                self.stdout.write(f"   next due: {leader.next_due_name} at {due}")
+        for standby in health.standbys:
+            self.stdout.write(f"-> standby {standby.hostname} pid {standby.pid}: "
+                              f"last tick {standby.age:.1f} s ago")
+        for gone in health.gone:
+            self.stdout.write(self.style.WARNING(
+                f"-> gone {gone.hostname} pid {gone.pid} ({gone.role}): "
+                f"last tick {gone.age:.0f} s ago"))
+        if health.problem:
+            self.stdout.write(self.style.ERROR(f"Error: {health.problem}"))
+        self.stdout.write("")
 
     def write_app(self, status: AppStatus, what: str) -> None:
         self.stdout.write(self.style.MIGRATE_HEADING(

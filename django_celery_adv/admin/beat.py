@@ -1,0 +1,93 @@
+"""Admin for beat: which beat leads each app, and "run now" through the task's own app.
+
+* "Beat processes" lists every beat's health row (read only; stale rows may be
+  deleted) under a per-app summary: leader, since, token, last tick, next due
+  entry, standbys, and the problem ``celery_status --require-beat`` would report.
+* django-celery-beat's periodic task admin is replaced by a subclass whose
+  "Run selected tasks" action sends each task through the app its beat would
+  use (:func:`django_celery_adv.beat.scheduler.task_owner`), not through
+  ``current_app``; the list shows that app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db import DatabaseError
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.translation import ngettext
+
+from ..beat.health import app_health
+from ..models import BeatNode
+from ..registry import apps
+
+
+@admin.register(BeatNode)
+class BeatNodeAdmin(admin.ModelAdmin):
+    change_list_template = "admin/django_celery_adv/beat/change_list.html"
+    list_display = ["app_alias", "role", "hostname", "pid", "token", "leader_since",
+                    "last_tick_age", "tick_lag", "next_due", "sent"]
+    list_filter = ["app_alias", "role"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="last tick", ordering="last_tick")
+    def last_tick_age(self, obj: BeatNode) -> str:
+        return f"{(timezone.now() - obj.last_tick).total_seconds():.1f} s ago"
+
+    @admin.display(description="next due entry")
+    def next_due(self, obj: BeatNode) -> str:
+        if not obj.next_due_name:
+            return "-"
+        when = obj.next_due_at.strftime("%H:%M:%S") if obj.next_due_at else "?"
+        return f"{obj.next_due_name} at {when}"
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        try:
+            summary = list(app_health(list(apps)).values())
+        except DatabaseError as e:
+            summary = []
+            self.message_user(request, f"Cannot read beat health: {e}", messages.ERROR)
+        return super().changelist_view(request, {**(extra_context or {}),
+                                                 "beat_summary": summary})
+
+
+if "django_celery_beat" in settings.INSTALLED_APPS:
+    from django_celery_beat import admin as beat_admin
+    from django_celery_beat.models import PeriodicTask
+    from kombu.utils.json import loads
+
+    from ..beat.scheduler import task_owner
+
+    class PeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin):
+        """django-celery-beat's periodic task admin; "run now" uses the task's own app."""
+
+        list_display = [*beat_admin.PeriodicTaskAdmin.list_display, "app"]
+
+        @admin.display(description="app")
+        def app(self, obj: PeriodicTask) -> str:
+            return task_owner(obj.task)
+
+        @admin.action(description="Run selected tasks")
+        def run_tasks(self, request: HttpRequest, queryset: Any) -> None:
+            sent = 0
+            for row in queryset:
+                app = apps[task_owner(row.task)]
+                options = {"queue": row.queue} if row.queue else {}
+                options["headers"] = {"periodic_task_name": row.name}
+                app.send_task(row.task, args=loads(row.args or "[]"),
+                              kwargs=loads(row.kwargs or "{}"), **options)
+                sent += 1
+            self.message_user(request, ngettext("%d task was sent to run now.",
+                                                "%d tasks were sent to run now.", sent) % sent)
+
+    if admin.site.is_registered(PeriodicTask):
+        admin.site.unregister(PeriodicTask)
+    admin.site.register(PeriodicTask, PeriodicTaskAdmin)

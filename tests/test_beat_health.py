@@ -1,0 +1,171 @@
+"""Beat pieces without a beat process: leadership against a real lock server that
+goes away, health rows read by ``celery_status`` and the admin, the admin's
+"run now" through the task's own app, and the BEAT system checks."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import override_settings
+from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+from django_celery_adv.beat.config import beat_settings
+from django_celery_adv.beat.leadership import Leadership
+from django_celery_adv.checks import check_beat_settings
+from django_celery_adv.models import BeatNode
+from tests.beats import Collector
+from tests.faults.servers import RedisServer, spare_port
+
+
+def with_fault_backend(url: str):
+    backends = {**settings.CELERY_ADV["LOCK_BACKENDS"], "fault": {
+        "BACKEND": "django_celery_adv.locks.backends.redis.RedisBackend",
+        "OPTIONS": {"url": url, "prefix": "beat-unit:"}}}
+    return override_settings(CELERY_ADV={**settings.CELERY_ADV, "LOCK_BACKENDS": backends,
+                                         "BEAT": {"LOCK_BACKEND": "fault", "TTL": 3}})
+
+
+def test_a_failed_take_is_never_leadership():
+    with with_fault_backend(f"redis://127.0.0.1:{spare_port()}/0"):  # nobody listens
+        leadership = Leadership(beat_settings("default"))
+        leadership.refresh()  # never raises
+        assert leadership.lease is None and not leadership.leading
+        assert not leadership.may_send()
+
+
+def test_a_failed_renewal_stops_sends_at_once_and_a_lost_lease_steps_down():
+    server = RedisServer().start()
+    try:
+        with with_fault_backend(server.url):
+            leader = Leadership(beat_settings("default"))
+            standby = Leadership(beat_settings("default"))
+            leader.refresh()
+            standby.refresh()
+            assert leader.may_send() and not standby.may_send()
+            token = leader.token
+
+            server.stop()
+            leader._renewed_at = float("-inf")  # a renewal is due at this tick
+            leader.refresh()
+            # Still valid by its clock, but its renewal failed: no send.
+            assert leader.lease is not None and leader.lease.remaining() > 1
+            assert not leader.may_send() and not leader.leading
+
+            server.start()  # no persistence: the lease is gone from the server
+            leader._renewed_at = float("-inf")
+            leader.refresh()  # renew says lost: steps down, then takes it anew
+            assert leader.lease is None or leader.token != token or leader.leading
+            standby.refresh()
+            assert [leader.may_send(), standby.may_send()].count(True) == 1
+    finally:
+        server.remove()
+
+
+def node(alias: str, role: str, age: float, **fields) -> BeatNode:
+    now = timezone.now()
+    return BeatNode.objects.create(
+        app_alias=alias, hostname="host-a", pid=fields.pop("pid", 100), role=role,
+        token=fields.pop("token", 7 if role == "leader" else None),
+        leader_since=now - timedelta(minutes=5) if role == "leader" else None,
+        max_interval=2.5, started_at=now - timedelta(minutes=10),
+        last_tick=now - timedelta(seconds=age), **fields)
+
+
+def status(*args: str) -> tuple[int, str]:
+    out = StringIO()
+    try:
+        call_command("celery_status", *args, stdout=out)
+        return 0, out.getvalue()
+    except CommandError as e:
+        return e.returncode, out.getvalue() + str(e)
+
+
+@pytest.mark.django_db
+def test_celery_status_beat_text_json_and_exit_codes():
+    node("default", "leader", 1.0, next_due_name="every-second",
+         next_due_at=timezone.now() + timedelta(seconds=1))
+    node("default", "standby", 0.5, pid=101)
+    node("global", "leader", 60.0)  # last tick older than 3 x 2.5 s
+    code, out = status("beat", "--app", "default")
+    assert code == 0, out
+    assert "leader host-a pid 100: token 7" in out and "next due: every-second" in out
+    assert "standby host-a pid 101" in out
+
+    code, out = status("beat", "--app", "global")
+    assert code == 1 and "beat leader host-a pid 100 last ticked 60 s ago" in out
+
+    code, out = status("beat", "--app", "twin", "--json")
+    assert code == 1 and json.loads(out.partition("unhealthy")[0])["twin"]["beat"] == {
+        "healthy": False, "problem": "no beat leader", "leader": None, "standbys": [],
+        "gone": []}
+    code, out = status("beat", "--json")
+    data = json.loads(out.partition("unhealthy")[0])
+    assert data["default"]["beat"]["healthy"] and data["default"]["beat"]["leader"]["token"] == 7
+
+
+@pytest.mark.django_db
+@pytest.mark.workers
+def test_require_beat_adds_beat_to_the_health_check(default_worker):
+    node("default", "leader", 1.0)
+    assert status("--require-beat", "--app", "default")[0] == 0
+    BeatNode.objects.update(last_tick=timezone.now() - timedelta(seconds=30))
+    assert status("--app", "default")[0] == 0  # its worker is online: healthy without beat
+    code, out = status("--require-beat", "--app", "default")
+    assert code == 1 and "unhealthy: default (beat leader host-a pid 100 last ticked 3" in out
+    code, out = status("--require-beat", "--app", "default", "--json")
+    assert json.loads(out.partition("unhealthy")[0])["default"]["beat"]["healthy"] is False
+
+
+@pytest.mark.django_db
+def test_admin_shows_who_leads_each_app(client):
+    node("default", "leader", 1.0)
+    node("default", "standby", 0.5, pid=101)
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    page = client.get("/admin/django_celery_adv/beatnode/").content.decode()
+    assert "host-a (pid 100)" in page and "host-a (pid 101)" in page
+    assert "no beat leader" in page  # global and twin have no beat
+
+
+@pytest.mark.django_db
+@pytest.mark.workers
+def test_admin_run_now_sends_through_the_tasks_own_app(client):
+    redis_side = Collector(settings.REDIS_URL).start()
+    amqp_side = Collector(settings.AMQP_URL, queue=redis_side.queue_name).start()
+    try:
+        interval, _ = IntervalSchedule.objects.get_or_create(every=1, period="hours")
+        row = PeriodicTask.objects.create(name="nightly", task="reports.tasks.nightly",
+                                          interval=interval, queue=redis_side.queue_name)
+        client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+        response = client.post("/admin/django_celery_beat/periodictask/",
+                               {"action": "run_tasks", "_selected_action": [row.pk]})
+        assert response.status_code == 302
+        from tests.faults.servers import wait_until
+
+        wait_until(lambda: amqp_side.sent, 10, "the task on the global app's broker")
+        assert [sent.task for sent in amqp_side.sent] == ["reports.tasks.nightly"]
+        assert redis_side.sent == []
+    finally:
+        redis_side.stop()
+        amqp_side.stop()
+
+
+@pytest.mark.parametrize(("beat", "ids"), [
+    ({}, []),
+    ("x", ["E020"]),
+    ({"TTL": 0.5, "ON_BUSY": "retry", "LOCKS": 1}, ["E020", "E022", "E024"]),
+    ({"LOCK_BACKEND": "nope", "MISFIRE_GRACE": {"a*": -1}}, ["E021", "E023"]),
+    ({"APPS": {"nope": {"TTL": 5}, "global": {"TTL": "x"}}}, ["E025", "E022"]),
+    ({"APPS": {"global": {"LOCK_BACKEND": "redis", "MISFIRE_GRACE": 30}}}, []),
+])
+def test_beat_settings_checks(beat, ids):
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV, "BEAT": beat}):
+        messages = check_beat_settings()
+    assert sorted(m.id.rpartition(".")[2] for m in messages) == sorted(ids), messages
