@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv "all,test"
-bash scripts/services.sh start
-trap 'bash scripts/services.sh stop' EXIT
+# Stop only what this run started: a server another run still uses stays up.
+started=$(mktemp)
+trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
+SERVICES_STARTED_FILE=$started bash scripts/services.sh start
 if [ "${TEST_DB:-sqlite}" = postgres ]; then
   # bench/settings.py names a database of its own: create it on a fresh machine.
   DJANGO_SETTINGS_MODULE=bench.settings .venv/bin/python - <<'PY'

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make the servers the test suite needs available on 127.0.0.1: reuse whatever already
 # listens on a port, install (apt) and start the rest, and stop only what we started.
-#   scripts/services.sh start|stop|status
+#   scripts/services.sh start|stop [NAME...]|status
+#   SERVICES_STARTED_FILE=F ... start   appends the names this run started to F
 # Env: REDIS_PORT RABBITMQ_PORT ZOOKEEPER_PORT ETCD_PORT ETCD_PEER_PORT POSTGRES_PORT MARIADB_PORT,
 #      STATE_DIR (default build/services), SERVICES_TIMEOUT (seconds, default 60).
 set -euo pipefail
@@ -197,14 +198,24 @@ cmd_start() {
   for name in "${todo[@]}"; do
     wait_ready "$name"
     echo "started $name on 127.0.0.1:${PORT[$name]} (pid $(recorded_pid "$name"), log $STATE_DIR/$name.log)"
+    # The caller's own list, so that its `stop NAME...` leaves servers that an
+    # earlier, still running invocation started alone.
+    [ -z "${SERVICES_STARTED_FILE:-}" ] || echo "$name" >>"$SERVICES_STARTED_FILE"
   done
   start_postgres
 }
 
-cmd_stop() {
-  local name
-  for name in "${SERVICES[@]}" epmd; do stop_one "$name"; done   # epmd after rabbitmq
-  rm -f "$RECORD"
+cmd_stop() {   # stop [NAME...]: the named servers (default: every one services.sh started)
+  local name names=("$@")
+  if ((${#names[@]} == 0)); then
+    for name in "${SERVICES[@]}" epmd; do stop_one "$name"; done   # epmd after rabbitmq
+    rm -f "$RECORD"
+    return
+  fi
+  for name in "${names[@]}"; do
+    stop_one "$name"; [ "$name" = rabbitmq ] && stop_one epmd
+  done
+  return 0
 }
 
 cmd_status() {
@@ -221,7 +232,7 @@ cmd_status() {
 
 case "${1:-}" in
   start) cmd_start ;;
-  stop) cmd_stop ;;
+  stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
   *) die "usage: $0 start|stop|status" ;;
 esac

@@ -20,8 +20,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
     "${missing[@]}" >/dev/null
 fi
-bash scripts/services.sh start
-trap 'bash scripts/services.sh stop' EXIT
+# Stop only what this run started: a server another run still uses stays up.
+started=$(mktemp)
+trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
+SERVICES_STARTED_FILE=$started bash scripts/services.sh start
 
 export TEST_BUILD_DIR="$PWD/build/tests"
 mkdir -p "$TEST_BUILD_DIR"
