@@ -217,7 +217,8 @@ class ZooKeeperBackend(LockBackend):
         try:
             count = len(client.get_children(path))
         except zk.NoNodeError:  # the recipe creates it, with our max_leases
-            count, _ = 0, session.stored.pop(path, None)
+            count = 0
+            session.stored.pop(path, None)
         if count >= capacity:
             # Count again, with a watch that drops the count when the leases
             # change (or the placeholder, if it fires before the count is in).
