@@ -10,8 +10,9 @@
 # fixed below. The bridge has no other port and IP forwarding is not touched, so no
 # packet of this network ever leaves the machine. The root namespace reaches every
 # node (the nemesis asks ZooKeeper/etcd who leads), and clients reach the shared
-# PostgreSQL (127.0.0.1:5432 in the root namespace) through a socat relay on
-# 10.77.0.1:15432 only. Debian packages only; whatever is missing is installed.
+# PostgreSQL (127.0.0.1:5432 in the root namespace) and the shared Redis (the beat
+# runs' broker) through socat relays on 10.77.0.1:15432 and :16379 only.
+# Debian packages only; whatever is missing is installed.
 # Idempotent: `start` twice starts nothing twice; `stop` removes all it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,8 @@ STATE=${CLUSTER_DIR:-$PWD/build/cluster}
 PREFIX=cadv-
 BRIDGE=${PREFIX}br0
 NET=10.77.0
-RELAY_PORT=15432
+RELAY_PORT=15432        # -> PostgreSQL 127.0.0.1:5432 (the fenced store, beat's schedule)
+BROKER_RELAY_PORT=16379 # -> Redis 127.0.0.1:6379 (the broker of the beat runs)
 ZK_NODES=(zk1 zk2 zk3)
 ETCD_NODES=(etcd1 etcd2 etcd3)
 REDIS_NODES=(redis1 redis2 redis3)   # primary, replica, and a Sentinel-only host
@@ -101,6 +103,7 @@ marker() {  # what the command line of each kind of process contains
     zk*) echo "QuorumPeerMain" ;; etcd*) echo "etcd --name" ;;
     sentinel*) echo "redis-server.*sentinel" ;; redis*) echo "redis-server" ;;
     relay) echo "socat TCP-LISTEN:$RELAY_PORT" ;;
+    broker-relay) echo "socat TCP-LISTEN:$BROKER_RELAY_PORT" ;;
   esac
 }
 
@@ -201,11 +204,11 @@ node_kill() {
   rm -f "$(pidfile "$1")"
 }
 
-relay_start() {
-  running relay "$(marker relay)" && return 0
-  (exec setsid socat "TCP-LISTEN:$RELAY_PORT,bind=$NET.1,fork,reuseaddr" TCP:127.0.0.1:5432 \
-    >>"$STATE/relay.log" 2>&1 </dev/null) &
-  echo $! >"$(pidfile relay)"
+relay_start() {  # name port target
+  running "$1" "$(marker "$1")" && return 0
+  (exec setsid socat "TCP-LISTEN:$2,bind=$NET.1,fork,reuseaddr" "TCP:$3" \
+    >>"$STATE/$1.log" 2>&1 </dev/null) &
+  echo $! >"$(pidfile "$1")"
 }
 
 # -- readiness --------------------------------------------------------------------
@@ -250,7 +253,8 @@ start() {
   need_packages
   mkdir -p "$STATE"
   net_up
-  relay_start
+  relay_start relay "$RELAY_PORT" 127.0.0.1:5432
+  relay_start broker-relay "$BROKER_RELAY_PORT" 127.0.0.1:6379
   local name
   for name in $(all_names); do node_start "$name"; done
   for name in "${ZK_NODES[@]}"; do wait_for "ZooKeeper $name" 60 zk_serving "$name"; done
@@ -263,7 +267,7 @@ start() {
 
 stop() {
   local name pid
-  for name in $(all_names) relay; do node_kill "$name"; done
+  for name in $(all_names) relay broker-relay; do node_kill "$name"; done
   # Anything else still running inside our namespaces (a client of a test run).
   for name in $(ip netns list | awk '{print $1}' | grep "^$PREFIX" || true); do
     for pid in $($SUDO ip netns pids "$name" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
@@ -276,7 +280,7 @@ stop() {
 status() {
   local name rc=0
   ip link show "$BRIDGE" >/dev/null 2>&1 && echo "bridge $BRIDGE up" || { echo "bridge $BRIDGE missing"; rc=1; }
-  for name in $(all_names) relay; do
+  for name in $(all_names) relay broker-relay; do
     if running "$name" "$(marker "$name")"; then
       echo "$name running (pid $(cat "$(pidfile "$name")"))"
     else

@@ -2,9 +2,10 @@
 # The Jepsen-style fault matrix of the lock backends on real clusters (tests/cluster/):
 # every nemesis x ZooKeeper and etcd, the failover faults on Redis with Sentinel.
 # Starts the cluster (scripts/cluster.sh), runs one bounded run per backend x fault
-# (about 40 s each, ~12 min in all), writes docs/cluster-faults.md and stops the
-# cluster again unless it was already up. Exits 1 if ZooKeeper or etcd showed an
-# overlap, a duplicate token or a write after a reported loss.
+# (about 35 s each) and one beat run per backend with three faults (~80 s each):
+# ~13 min in all. Writes docs/cluster-faults.md, and stops the cluster again unless
+# it was already up. Exits 1 if ZooKeeper or etcd showed an overlap, a duplicate
+# token or a write after a reported loss, or a beat sent a tick twice.
 #   bash scripts/jepsen.sh [--seed N] [--backends zookeeper,etcd,redis] [--faults a,b]
 # Needs root (network namespaces); PostgreSQL on 127.0.0.1:5432 (the fenced store).
 set -euo pipefail

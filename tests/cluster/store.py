@@ -30,13 +30,16 @@ def dsn(*, from_namespace: bool) -> str:
     return f"host={host} port={port} user=postgres dbname={DATABASE} connect_timeout=5"
 
 
-def prepare(rows: list[tuple[str, int]]) -> None:
-    """Create the database and table if missing; give each (lock, slot) a row at token 0."""
+def create_database(name: str) -> None:
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
                          autocommit=True) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                             [DATABASE]).fetchone():
-            admin.execute(f'CREATE DATABASE "{DATABASE}"')
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            admin.execute(f'CREATE DATABASE "{name}"')
+
+
+def prepare(rows: list[tuple[str, int]]) -> None:
+    """Create the database and table if missing; give each (lock, slot) a row at token 0."""
+    create_database(DATABASE)
     with psycopg.connect(dsn(from_namespace=False), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS fenced (lock text, slot int, token bigint "
                      "NOT NULL, writer text, writes bigint NOT NULL DEFAULT 0, "

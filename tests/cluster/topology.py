@@ -19,6 +19,7 @@ NET = "10.77.0"
 #: The root namespace's address on the bridge: the PostgreSQL relay listens here.
 ROOT = f"{NET}.1"
 RELAY_PORT = 15432
+BROKER_RELAY_PORT = 16379
 
 ADDR = {"zk1": 11, "zk2": 12, "zk3": 13, "etcd1": 21, "etcd2": 22, "etcd3": 23,
         "redis1": 41, "redis2": 42, "redis3": 43, "c1": 31, "c2": 32}
