@@ -146,7 +146,9 @@ class Heartbeat:
 
 
 def _interval(lease: Lease) -> float:
-    return max(lease.ttl / 3, 0.05)
+    # A third of what the lease is confirmed for: the TTL, or less where the
+    # server bounds validity otherwise (ZooKeeper: the session timeout).
+    return max(min(lease.ttl, lease.remaining()) / 3, 0.05)
 
 
 heartbeat = Heartbeat()

@@ -44,6 +44,9 @@ class MemoryBackend(LockBackend):
         self.releases = 0
         self.renew_plan: list[object] = []  # exceptions to raise, then True
         self.closed = False
+        #: Seconds a grant is confirmed for, if the server bounds it below the
+        #: TTL (as a ZooKeeper session does).
+        self.validity = options.get("validity")
 
     def acquire(self, name, capacity, holder, ttl):
         slots = self.held.setdefault(name, {})
@@ -53,7 +56,7 @@ class MemoryBackend(LockBackend):
         sent_at = time.monotonic()
         lease = Lease(name=name, slot=slot, token=next(self.tokens), holder=holder,
                       acquired_at=utcnow(), expires_at=utcnow(), ttl=ttl, backend=self.alias)
-        lease.confirm(sent_at, ttl)
+        lease.confirm(sent_at, self.validity or ttl)
         slots[slot] = lease
         return lease
 
@@ -68,7 +71,7 @@ class MemoryBackend(LockBackend):
             outcome = self.renew_plan.pop(0)
             if isinstance(outcome, BaseException):
                 raise outcome
-        lease.confirm(sent_at, lease.ttl)
+        lease.confirm(sent_at, self.validity or lease.ttl)
         return True
 
     def holders(self, name):
@@ -134,6 +137,15 @@ def test_renewal_failing_until_validity_passes_is_reported_lost_then(memory, nam
         assert wait_for(lambda: lost == [lease], 3)
         assert not lease.is_valid()
         assert memory.renewals >= 3  # retried more often than once per ttl/3
+
+
+def test_a_lease_confirmed_for_less_than_its_ttl_is_renewed_in_time(memory, name):
+    memory.validity = 0.9  # e.g. ZooKeeper: valid for the session, not the lock TTL
+    define(name, ttl=60)
+    with lock(name) as lease:
+        for _ in range(10):
+            time.sleep(0.25)
+            assert lease.is_valid(), f"invalid {-lease.remaining():.2f} s between renewals"
 
 
 # -- A1: fork --------------------------------------------------------------------
