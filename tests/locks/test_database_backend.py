@@ -445,3 +445,24 @@ if VENDOR == "mysql":  # storage engines are a MariaDB/MySQL matter
         finally:
             with connections["default"].cursor() as cursor:
                 cursor.execute(f"ALTER TABLE {table} ENGINE=InnoDB")
+
+
+def test_own_connection_follows_a_change_of_the_aliases_settings():
+    backend = new_backend()
+    backend.holders("settings")
+    alias = database_module.statement_alias("default")
+    before = connections[alias]
+    assert database_module.statement_alias("default") == alias
+    assert connections[alias] is before  # unchanged settings: the same connection
+    base = connections["default"].settings_dict
+    name = base["NAME"]
+    base["NAME"] = f"{name}-elsewhere"  # as another test database would
+    try:
+        database_module.statement_alias("default")
+        assert connections[alias] is not before
+        assert connections[alias].settings_dict["NAME"] == f"{name}-elsewhere"
+        assert before.connection is None  # the replaced one was closed
+    finally:
+        base["NAME"] = name
+    assert backend.holders("settings") == []  # back on the real database
+    backend.close()

@@ -271,10 +271,17 @@ def statement_alias(using: str) -> str:
         return using
     alias = using + OWN_SUFFIX
     try:
-        connections[alias]
+        own = connections[alias]
     except ConnectionDoesNotExist:
+        own = None
+    # Reopened when the alias's settings changed (override_settings, another test database).
+    if own is None or own.dca_source != _source(base.settings_dict):
         connections[alias] = open_own_connection(using, alias)
     return alias
+
+
+def _source(params: Mapping[str, Any]) -> tuple:
+    return tuple(str(params.get(key)) for key in ("ENGINE", "NAME", "HOST", "PORT", "USER"))
 
 
 def open_own_connection(using: str, alias: str) -> Any:
@@ -292,12 +299,15 @@ def open_own_connection(using: str, alias: str) -> Any:
         options["transaction_mode"] = "IMMEDIATE"
         options.setdefault("timeout", 20)
     connection = type(base)(params, alias)
+    connection.dca_source = _source(base.settings_dict)
     connection.inc_thread_sharing()  # close() may come from another thread
+    current = threading.current_thread()
     with _opened_guard:
-        for entry in [entry for entry in _opened if not entry[0].is_alive()]:
+        for entry in [entry for entry in _opened
+                      if not entry[0].is_alive() or entry[:2] == (current, alias)]:
             _opened.remove(entry)
-            entry[2].close()  # its thread ended: nobody else can use it
-        _opened.append((threading.current_thread(), alias, connection))
+            entry[2].close()  # its thread ended, or this thread's replaced one
+        _opened.append((current, alias, connection))
     return connection
 
 
