@@ -89,3 +89,21 @@ def global_worker(worker_pool) -> WorkerProcess:
 @pytest.fixture(scope="session")
 def twin_worker(worker_pool) -> WorkerProcess:
     return worker_pool("twin")
+
+
+#: Fixtures through which a test reaches the database (workers use the test database too).
+_DATABASE_FIXTURES = {"db", "transactional_db", "django_db_setup", "admin_client",
+                      "django_user_model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by the marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``db`` every test that touches the database, so that the legs on
+    PostgreSQL and MariaDB run those only (``-m db``): what never reaches the
+    database gains nothing from running once per database."""
+    for item in items:
+        if item.get_closest_marker("db"):
+            continue
+        if item.get_closest_marker("django_db") or \
+                _DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
