@@ -171,7 +171,9 @@ def run_beats(backend: str, faults: list[str], *, seed: int, baseline: float = 5
         time.sleep(0.5)
         collector.stopping.set()
         collector.join(5)
-    return check(collector.sent, done, interval, started, run_id, backend, seed)
+    result = check(collector.sent, done, interval, started, run_id, backend, seed)
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def check(sent: list[tuple[float, int | None]], faults: list[dict[str, Any]], interval: float,

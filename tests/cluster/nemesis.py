@@ -128,7 +128,7 @@ def _partitioned(side_a: list[str], side_b: list[str], ctx: Context) -> dict:
         time.sleep(ctx.duration)
     finally:
         _routes(side_a, side_b, "del")
-    return {"detail": f"{'+'.join(side_a)} | {'+'.join(side_b)}", "started": started,
+    return {"detail": f"{'+'.join(side_a)} cut from {'+'.join(side_b)}", "started": started,
             "healed": time.monotonic()}
 
 
