@@ -59,10 +59,13 @@ def test_locks_hold_under_faults_on_zookeeper_and_etcd(cluster) -> None:
         if isinstance(result, Exception):
             raise AssertionError(f"{backend} run failed: {result!r}") from result
         summary = {key: result[key] for key in ("grants", "overlaps", "duplicate_tokens",
-                                                "fenced", "lost", "lost_then_wrote")}
+                                                "phantoms", "fenced", "lost", "lost_then_wrote",
+                                                "lock_errors")}
         print(backend, json.dumps(summary), [(f["fault"], f["recovery"])
                                              for f in result["faults"]])
         assert jepsen.failures(result) == [], (backend, result["overlap_examples"],
                                                result["lost_then_wrote_examples"])
         assert [f["fault"] for f in result["faults"]] == FAULTS[backend]
         assert all(f["recovery"] is not None for f in result["faults"]), result["faults"]
+        # The faults bit: clients met a lock server they could not reach.
+        assert result["lock_errors"] > 0, summary
