@@ -44,8 +44,10 @@ need_packages() {
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == *"ok installed"* ]] || missing+=("$pkg")
   done
   if ((${#missing[@]})); then
-    echo "cluster.sh: installing ${missing[*]}"
-    $SUDO apt-get install -y -q "${missing[@]}" >/dev/null
+    echo "cluster.sh: installing ${missing[*]} (Debian)"
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      "${missing[@]}" >/dev/null
   fi
 }
 
@@ -230,9 +232,7 @@ sys.exit(0 if want.encode() in data else 1)
 EOF
 }
 zk_serving() { ask "$(ip_of "$1")" 2181 srvr "Mode: "; }
-etcd_healthy() {
-  curl -fsS --max-time 2 "http://$(ip_of "$1"):2379/health" 2>/dev/null | grep -q '"health":"true"'
-}
+etcd_healthy() { ask "$(ip_of "$1")" 2379 $'GET /health HTTP/1.0\r\n\r\n' '"health":"true"'; }
 redis_up() { ask "$(ip_of "$1")" "${2:-6379}" $'PING\r\n' PONG; }
 
 wait_for() {  # what seconds check args...
