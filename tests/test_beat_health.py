@@ -169,3 +169,70 @@ def test_beat_settings_checks(beat, ids):
     with override_settings(CELERY_ADV={**settings.CELERY_ADV, "BEAT": beat}):
         messages = check_beat_settings()
     assert sorted(m.id.rpartition(".")[2] for m in messages) == sorted(ids), messages
+
+
+@pytest.fixture
+def leading_scheduler(transactional_db):
+    """A LockedScheduler of the default app in this process, leading (database lease)."""
+    from django_celery_adv.beat import LockedScheduler
+    from django_celery_adv.registry import apps
+
+    collector = Collector(settings.REDIS_URL).start()
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period="seconds")
+    PeriodicTask.objects.create(name="tick", task="beat_tests.tick", interval=interval,
+                                queue=collector.queue_name,
+                                last_run_at=timezone.now() - timedelta(hours=1))
+    scheduler = LockedScheduler(app=apps["default"])
+    scheduler.leadership.refresh()
+    assert scheduler.leadership.may_send()
+    yield scheduler, collector
+    scheduler.close()
+    collector.stop()
+
+
+def run_due(scheduler, name: str = "tick") -> None:
+    entry = scheduler.schedule[name]
+    scheduler.reserve(entry)
+    scheduler.apply_entry(entry, producer=scheduler.producer)
+
+
+def test_a_run_another_leader_recorded_is_not_sent_again(leading_scheduler):
+    from tests.faults.servers import wait_until
+
+    scheduler, collector = leading_scheduler
+    # Another leader sent this run meanwhile: its write-ahead moved last_run_at.
+    PeriodicTask.objects.filter(name="tick").update(last_run_at=timezone.now())
+    run_due(scheduler)
+    assert PeriodicTask.objects.get(name="tick").total_run_count == 0
+    assert scheduler._initial_read  # the schedule is re-read from the database
+
+    run_due(scheduler)  # read again: the row's last run, so this one is its own
+    wait_until(lambda: collector.sent, 10, "the send")
+    row = PeriodicTask.objects.get(name="tick")
+    assert row.total_run_count == 1 and row.last_run_at > timezone.now() - timedelta(seconds=5)
+    [sent] = collector.sent
+    assert (sent.token, sent.app) == (scheduler.leadership.token, "default")
+
+
+def test_a_run_later_than_its_misfire_grace_is_skipped(leading_scheduler):
+    import time
+
+    scheduler, collector = leading_scheduler
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV,
+                                       "BEAT": {"MISFIRE_GRACE": {"ti*": 60}}}):
+        scheduler.settings = beat_settings("default")
+    run_due(scheduler)  # due an hour ago: past its 60 s grace
+    time.sleep(1)
+    assert collector.sent == []
+    assert PeriodicTask.objects.get(name="tick").total_run_count == 1  # counted as done
+
+
+def test_a_standby_sends_nothing(leading_scheduler):
+    import time
+
+    scheduler, collector = leading_scheduler
+    scheduler.leadership.release()
+    run_due(scheduler)
+    time.sleep(1)
+    assert collector.sent == []
+    assert PeriodicTask.objects.get(name="tick").total_run_count == 0

@@ -29,10 +29,11 @@ task belongs to X: a task defined with ``apps[X].task`` (or registered on X),
 else the ``TASK_APPS`` glob that matches its name, else ``default``: the same
 routing a send from code follows.
 
-Error handling: a database error while writing a run ahead skips that send and
-re-reads the schedule; lock-server errors are handled in :mod:`.leadership`;
-a lock server that cannot say whether a task's lock is full lets the run go
-(the worker's lock decides then). Nothing here stops the beat.
+Error handling: a database error while reading the schedule or writing a run
+ahead skips that tick or send and re-reads the schedule at the next tick;
+lock-server errors are handled in :mod:`.leadership`; a lock server that cannot
+say whether a task's lock is full lets the run go (the worker's lock decides
+then). Nothing here stops the beat.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError
 from django.db.models import F
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
@@ -137,12 +138,18 @@ class LockedScheduler(DatabaseScheduler):
     def tick(self, *args: Any, **kwargs: Any) -> float:
         started = time.monotonic()
         lag = started - self._wake_at if self._wake_at is not None else 0.0
-        was_leading = self.leadership.leading
+        before = (self.leadership.leading, self.leadership.token)
         self.leadership.refresh()
-        if self.leadership.leading != was_leading:
-            self._forget_schedule()
-        interval = super().tick(*args, **kwargs) if self.leadership.leading \
-            else self.max_interval
+        if (self.leadership.leading, self.leadership.token) != before:
+            self._forget_schedule()  # a new term starts from the database's truth
+        interval = self.max_interval
+        if self.leadership.leading:
+            try:
+                interval = super().tick(*args, **kwargs)
+            except (DatabaseError, InterfaceError) as e:  # the schedule could not be read
+                logger.warning("beat %s: could not read the schedule: %s; trying again",
+                               self.alias, e)
+                self._forget_schedule()
         self._wake_at = time.monotonic() + (interval or 0)
         self._record_health(lag)
         return interval
@@ -214,8 +221,6 @@ class LockedScheduler(DatabaseScheduler):
                 late = 0.0
             if late > grace:
                 return f"{late:.0f} s late, past its misfire grace of {grace} s"
-        if self.settings.on_busy == "send":
-            return None
         return self._lock_busy(entry)
 
     def _lock_busy(self, entry: LockedEntry) -> str | None:
@@ -224,6 +229,9 @@ class LockedScheduler(DatabaseScheduler):
             return None
         try:
             policy = policies.get(*lock)
+            # A lock definition's own choice (when it has one) wins over the app's.
+            if (getattr(policy, "beat_on_busy", None) or self.settings.on_busy) == "send":
+                return None
             if policy.paused:
                 return policy.busy_reason()
             held = holders(policy.name, backend=policy.backend)
