@@ -184,6 +184,7 @@ def test_lock_server_stopped_under_the_leader(beats, collector, lock_server):
     assert len({sent.token for sent in after}) == 1, after
     assert_no_tick_twice(collector.sent, started)
     assert len(fresh_leaders()) == 1
+    assert all(beat.alive() for beat in started)  # none exited over its lease
 
 
 def test_each_app_sends_its_own_periodic_tasks_through_its_own_broker(beats):
