@@ -11,14 +11,18 @@ class CeleryAdvConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.core.checks import Tags, register
+
         from . import (
             checks,  # noqa: F401  (registers the system checks)
             failures,
             logconfig,
         )
+        from .locks.checks_database import check_database_lock_backend
         from .locks.definitions import connect_signals
         from .registry import install_default_app
 
+        register(Tags.compatibility)(check_database_lock_backend)
         install_default_app()
         # Before any worker or beat starts: Celery sends setup_logging while it
         # boots, and task_failure from the first task on.

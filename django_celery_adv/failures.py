@@ -47,6 +47,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from . import conf
+from .dbretry import run_again_if_aborted
 from .masking import mask_secrets, mask_text
 
 if TYPE_CHECKING:
@@ -201,11 +202,13 @@ class Occurrence:
 def record(occurrence: Occurrence, *, using: str | None = None) -> TaskFailure:
     """Count ``occurrence`` in its group and day, creating them as needed.
 
-    Safe under concurrency: counters go up with ``F()`` updates, and a create
-    that loses a race (``IntegrityError``) turns into the update. Errors
-    propagate; :func:`on_task_failure` is what swallows them.
+    Safe under concurrency: counters go up with ``F()`` updates, a create
+    that loses a race (``IntegrityError``) turns into the update, and a
+    transaction the database aborts to break a deadlock (InnoDB's gap locks at
+    REPEATABLE READ) runs again. Errors propagate; :func:`on_task_failure` is
+    what swallows them.
     """
-    from .models import TaskFailure, TaskFailureDay
+    from .models import TaskFailure
 
     db = using or router.db_for_write(TaskFailure)
     now = occurrence.when
@@ -216,6 +219,13 @@ def record(occurrence: Occurrence, *, using: str | None = None) -> TaskFailure:
         "last_hostname": occurrence.hostname, "app_alias": occurrence.app_alias,
         "resolved": False, "resolved_at": None,
     }
+    return run_again_if_aborted(lambda: _record(occurrence, db, latest))
+
+
+def _record(occurrence: Occurrence, db: str, latest: dict[str, Any]) -> TaskFailure:
+    from .models import TaskFailure, TaskFailureDay
+
+    now = occurrence.when
     with transaction.atomic(using=db):
         groups = TaskFailure.objects.using(db).filter(fingerprint=occurrence.fingerprint)
         _increment_or_create(

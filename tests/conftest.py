@@ -19,10 +19,13 @@ SERVICES = {
     "etcd": (f"http://{settings.ETCD_HOST}:{settings.ETCD_PORT}",
              "apt-get install etcd-server, or run scripts/test.sh"),
 }
-if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
-    _db = settings.DATABASES["default"]
+_db = settings.DATABASES["default"]
+if _db["ENGINE"].endswith("postgresql"):
     SERVICES["PostgreSQL"] = (f"postgresql://{_db['HOST']}:{_db['PORT']}",
                               "apt-get install postgresql, or run scripts/test.sh")
+elif _db["ENGINE"].endswith("mysql"):
+    SERVICES["MariaDB"] = (f"mysql://{_db['HOST']}:{_db['PORT']}",
+                           "apt-get install mariadb-server, or run scripts/test.sh")
 
 
 def _listening(url: str) -> bool:
@@ -46,6 +49,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     db = settings.DATABASES["default"]
     return [f"django-celery-adv: database {db['ENGINE'].rsplit('.', 1)[-1]}, "
             f"redis {settings.REDIS_URL}, rabbitmq {urlsplit(settings.AMQP_URL).hostname}"]
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """pytest-django's, plus: the database lock backend's own connections are
+    closed before the test databases are dropped (PostgreSQL will not drop a
+    database still in use)."""
+    yield
+    from django_celery_adv.locks.backends.database import close_own_connections
+
+    close_own_connections()
 
 
 @pytest.fixture(scope="session")

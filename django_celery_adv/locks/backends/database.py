@@ -80,6 +80,7 @@ from django.db.models import DateTimeField, Func
 from django.db.utils import ConnectionDoesNotExist
 from django.utils.dateparse import parse_datetime
 
+from ...dbretry import ATTEMPTS, aborted_by_database
 from ...models import LockFence, LockLease
 from ...process import after_fork
 from .base import Holder, Lease, LockBackend
@@ -92,11 +93,6 @@ SERVER_NOW = {
     "mysql": "UTC_TIMESTAMP(6)",
     "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
 }
-#: Runs of a transaction the database aborted to break a conflict.
-ATTEMPTS = 3
-#: PostgreSQL SQLSTATEs and MariaDB/MySQL error numbers of such aborts.
-ABORTED_SQLSTATES = frozenset({"40001", "40P01"})
-ABORTED_MYSQL_ERRORS = frozenset({1213, 1020})  # deadlock; record changed (snapshot isolation)
 #: Suffix of the connection aliases this module registers per thread.
 OWN_SUFFIX = "__dca_locks"
 
@@ -242,16 +238,6 @@ def next_token(using: str, name: str) -> tuple[int, datetime]:
     if now.tzinfo is None:  # SQLite, MariaDB/MySQL: UTC without a zone
         now = now.replace(tzinfo=UTC)
     return int(token), now
-
-
-def aborted_by_database(error: DatabaseError) -> bool:
-    """True when the database rolled the transaction back to break a conflict
-    (serialization failure, deadlock): running it again is the cure."""
-    cause = error.__cause__
-    if getattr(cause, "sqlstate", None) in ABORTED_SQLSTATES:
-        return True
-    args = getattr(cause, "args", ())
-    return bool(args) and args[0] in ABORTED_MYSQL_ERRORS
 
 
 # -- the backend's own connections (see "Connections" above) --------------------
