@@ -291,3 +291,23 @@ class BeatNode(models.Model):
 
     def __str__(self) -> str:
         return f"beat {self.app_alias} {self.hostname} pid {self.pid} ({self.role})"
+
+
+class PeriodicTaskApp(models.Model):
+    """The app whose beat sends a periodic task, as chosen in the periodic task admin.
+
+    Keyed by the periodic task's name (django-celery-beat's unique key), not by a
+    foreign key, so this app migrates without django_celery_beat installed. The
+    choice applies to tasks that routing leaves to the default app: a task bound
+    to an app, or matched by ``TASK_APPS``, is always sent by that app's beat
+    (see ``beat.scheduler.task_owner``).
+    """
+
+    periodic_task = models.CharField(max_length=200, unique=True)
+    app_alias = models.CharField("app", max_length=100)
+
+    class Meta:
+        verbose_name = "periodic task app"
+
+    def __str__(self) -> str:
+        return f"{self.periodic_task} -> {self.app_alias}"

@@ -19,7 +19,7 @@ from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from django_celery_adv.locks import lock
-from django_celery_adv.models import BeatNode
+from django_celery_adv.models import BeatNode, PeriodicTaskApp
 from tests.beats import BeatProcess, Collector, Sent
 from tests.faults.servers import RedisServer, wait_until
 
@@ -195,15 +195,17 @@ def test_each_app_sends_its_own_periodic_tasks_through_its_own_broker(beats):
         every_second("default-job", "beat_tests.default_job", queue)   # no route: default
         every_second("nightly", "reports.tasks.nightly", queue)       # TASK_APPS: global
         every_second("global-job", "beat_tests.global_job", queue)    # bound to global
+        every_second("chosen", "beat_tests.chosen_job", queue)        # chosen in the admin:
+        PeriodicTaskApp.objects.create(periodic_task="chosen", app_alias="global")
         started = beats("default", 2, beat={"TTL": TTL}) + beats("global", 2, beat={"TTL": TTL})
-        wait_until(lambda: len(amqp_side.sent) >= 4 and len(redis_side.sent) >= 2, 60,
+        wait_until(lambda: len(amqp_side.sent) >= 6 and len(redis_side.sent) >= 2, 60,
                    "sends on both brokers")
         time.sleep(2)
         on_redis = {(sent.task, sent.app) for sent in redis_side.sent}
         on_amqp = {(sent.task, sent.app) for sent in amqp_side.sent}
         assert on_redis == {("beat_tests.default_job", "default")}, logs(started)
-        assert on_amqp == {("reports.tasks.nightly", "global"),
-                           ("beat_tests.global_job", "global")}, logs(started)
+        assert on_amqp == {("reports.tasks.nightly", "global"), ("beat_tests.global_job", "global"),
+                           ("beat_tests.chosen_job", "global")}, logs(started)
         assert len(fresh_leaders("default")) == 1 and len(fresh_leaders("global")) == 1
     finally:
         redis_side.stop()

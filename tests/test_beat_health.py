@@ -157,6 +157,32 @@ def test_admin_run_now_sends_through_the_tasks_own_app(client):
         amqp_side.stop()
 
 
+@pytest.mark.django_db
+def test_admin_app_choice_is_saved_shown_and_follows_a_rename(client):
+    from django_celery_adv.models import PeriodicTaskApp
+
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period="hours")
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    form = {"name": "chosen", "task": "beat_tests.chosen_job", "interval": interval.pk,
+            "enabled": "on", "args": "[]", "kwargs": "{}", "headers": "{}", "app": "global"}
+    response = client.post("/admin/django_celery_beat/periodictask/add/", form)
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    assert PeriodicTaskApp.objects.get().app_alias == "global"
+    row = PeriodicTask.objects.get(name="chosen")
+    page = client.get(f"/admin/django_celery_beat/periodictask/{row.pk}/change/").content
+    assert b'<option value="global" selected>' in page
+    assert b"<td class=\"field-app\">global</td>" in client.get(
+        "/admin/django_celery_beat/periodictask/").content
+
+    client.post(f"/admin/django_celery_beat/periodictask/{row.pk}/change/",
+                {**form, "name": "renamed"})
+    assert list(PeriodicTaskApp.objects.values_list("periodic_task", "app_alias")) == [
+        ("renamed", "global")]
+    client.post(f"/admin/django_celery_beat/periodictask/{row.pk}/change/",
+                {**form, "name": "renamed", "app": ""})
+    assert not PeriodicTaskApp.objects.exists()
+
+
 @pytest.mark.parametrize(("beat", "ids"), [
     ({}, []),
     ("x", ["E020"]),

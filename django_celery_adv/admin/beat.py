@@ -3,10 +3,11 @@
 * "Beat processes" lists every beat's health row (read only; stale rows may be
   deleted) under a per-app summary: leader, since, token, last tick, next due
   entry, standbys, and the problem ``celery_status --require-beat`` would report.
-* django-celery-beat's periodic task admin is replaced by a subclass whose
-  "Run selected tasks" action sends each task through the app its beat would
-  use (:func:`django_celery_adv.beat.scheduler.task_owner`), not through
-  ``current_app``; the list shows that app.
+* django-celery-beat's periodic task admin is replaced by a subclass with an
+  "App" choice (``PeriodicTaskApp``, for tasks routing leaves to the default
+  app) and an "app" column; its "Run selected tasks" action sends each task
+  through the app its beat would use
+  (:func:`django_celery_adv.beat.scheduler.task_owner`), not ``current_app``.
 """
 
 from __future__ import annotations
@@ -60,26 +61,60 @@ class BeatNodeAdmin(admin.ModelAdmin):
 
 
 if "django_celery_beat" in settings.INSTALLED_APPS:
+    from django import forms
     from django_celery_beat import admin as beat_admin
     from django_celery_beat.models import PeriodicTask
     from kombu.utils.json import loads
 
     from ..beat.scheduler import task_owner
+    from ..models import PeriodicTaskApp
+
+    def chosen_app(name: str) -> str | None:
+        return PeriodicTaskApp.objects.filter(periodic_task=name).values_list(
+            "app_alias", flat=True).first()
+
+    class PeriodicTaskForm(beat_admin.PeriodicTaskForm):
+        app = forms.ChoiceField(
+            required=False, label="App",
+            help_text="The app whose beat sends it, for a task that routing leaves to "
+                      "the default app (a task bound to an app or matched by TASK_APPS "
+                      "always goes to that app).")
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fields["app"].choices = [("", "by routing"), *((a, a) for a in apps)]
+            if self.instance.pk:
+                self.initial["app"] = chosen_app(self.instance.name) or ""
 
     class PeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin):
-        """django-celery-beat's periodic task admin; "run now" uses the task's own app."""
+        """django-celery-beat's periodic task admin, plus the app that sends each task;
+        "run now" sends through that app, not ``current_app``."""
 
+        form = PeriodicTaskForm
         list_display = [*beat_admin.PeriodicTaskAdmin.list_display, "app"]
+        fieldsets = ((None, {**beat_admin.PeriodicTaskAdmin.fieldsets[0][1], "fields": (
+            *beat_admin.PeriodicTaskAdmin.fieldsets[0][1]["fields"], "app")}),
+            *beat_admin.PeriodicTaskAdmin.fieldsets[1:])
 
         @admin.display(description="app")
         def app(self, obj: PeriodicTask) -> str:
-            return task_owner(obj.task)
+            return task_owner(obj.task, chosen_app(obj.name))
+
+        def save_model(self, request: HttpRequest, obj: PeriodicTask, form: Any,
+                       change: bool) -> None:
+            super().save_model(request, obj, form, change)
+            PeriodicTaskApp.objects.filter(periodic_task=form.initial.get("name")).delete()
+            if form.cleaned_data.get("app"):
+                PeriodicTaskApp.objects.update_or_create(
+                    periodic_task=obj.name, defaults={"app_alias": form.cleaned_data["app"]})
+            else:
+                PeriodicTaskApp.objects.filter(periodic_task=obj.name).delete()
 
         @admin.action(description="Run selected tasks")
         def run_tasks(self, request: HttpRequest, queryset: Any) -> None:
             sent = 0
             for row in queryset:
-                app = apps[task_owner(row.task)]
+                app = apps[task_owner(row.task, chosen_app(row.name))]
                 options = {"queue": row.queue} if row.queue else {}
                 options["headers"] = {"periodic_task_name": row.name}
                 app.send_task(row.task, args=loads(row.args or "[]"),

@@ -26,8 +26,9 @@ many periods passed (``last_run_at`` becomes the send time).
 
 Per-app schedules: the beat of alias X loads only the periodic tasks whose
 task belongs to X: a task defined with ``apps[X].task`` (or registered on X),
-else the ``TASK_APPS`` glob that matches its name, else ``default``: the same
-routing a send from code follows.
+else the ``TASK_APPS`` glob that matches its name, else the app chosen for the
+periodic task in the admin, else ``default`` (:func:`task_owner`): the routing a
+send from code follows, and the send runs inside ``using(X)``.
 
 Error handling: a database error while reading the schedule or writing a run
 ahead skips that tick or send and re-reads the schedule at the next tick;
@@ -65,13 +66,25 @@ TOKEN_HEADER = "x-beat-token"
 APP_HEADER = "x-beat-app"
 
 
-def task_owner(task_name: str) -> str:
-    """The alias whose beat sends periodic tasks of ``task_name``."""
+def task_owner(task_name: str, chosen: str | None = None) -> str:
+    """The alias whose beat sends a periodic task of ``task_name``: the app the task
+    is bound to, else its ``TASK_APPS`` match, else the app ``chosen`` in the periodic
+    task admin (``PeriodicTaskApp``), else ``default``: where a send from code inside
+    ``using(chosen)`` would go."""
     for alias in apps:
         task = apps[alias].tasks.get(task_name)
         if task is not None and getattr(task, "adv_alias", None) == alias:
             return alias
-    return task_alias(task_name) or conf.DEFAULT_APP_ALIAS
+    if chosen not in apps:
+        chosen = None
+    return task_alias(task_name) or chosen or conf.DEFAULT_APP_ALIAS
+
+
+def chosen_apps() -> dict[str, str]:
+    """periodic task name -> the app chosen for it in the admin."""
+    from ..models import PeriodicTaskApp
+
+    return dict(PeriodicTaskApp.objects.values_list("periodic_task", "app_alias"))
 
 
 def task_lock(task: Any) -> tuple[str, int] | None:
@@ -117,8 +130,9 @@ class LockedScheduler(DatabaseScheduler):
     # -- the schedule of this app only -------------------------------------------
 
     def all_as_schedule(self) -> dict[str, LockedEntry]:
+        chosen = chosen_apps()
         return {name: entry for name, entry in super().all_as_schedule().items()
-                if task_owner(entry.task) == self.alias}
+                if task_owner(entry.task, chosen.get(name)) == self.alias}
 
     def reserve(self, entry: LockedEntry) -> LockedEntry:
         # In memory only: apply_entry writes the run ahead of the send, so
