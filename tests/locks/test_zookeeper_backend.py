@@ -318,3 +318,32 @@ def test_four_waiters_polling_a_full_lock_create_no_nodes(make, raw_zk, root, ca
 
     assert churn == 0
     assert len(got) == 1 and got[0][0] - released_at < 1.0  # a freed slot is seen at once
+
+
+# -- review findings: a lock given up quietly, a session the server shortened ----------
+
+def test_a_semaphore_lock_given_up_on_a_connection_loss_grants_nothing(backend, monkeypatch):
+    # kazoo's Lock.acquire returns False (instead of raising) when a connection
+    # loss interrupts it; the recipe then has no lease node, slot -1 and token 0.
+    from kazoo.recipe import lock as kazoo_lock
+
+    monkeypatch.setattr(kazoo_lock.Lock, "acquire", lambda self, *a, **kw: False)
+    assert backend.acquire("given-up", 1, holder("phantom"), TTL) is None
+    monkeypatch.undo()
+    lease = backend.acquire("given-up", 1, holder("real"), TTL)
+    assert lease is not None and lease.token > 0
+    assert [h.holder.task_id for h in backend.holders("given-up")] == ["real"]
+
+
+def test_validity_counts_on_the_session_timeout_the_server_agreed_to(make):
+    from tests.faults.servers import ZooKeeperServer
+
+    server = ZooKeeperServer().start()  # tick 2 s: the server allows sessions of 4-40 s
+    try:
+        backend = make(hosts=server.hosts, timeout=60)
+        lease = backend.acquire("capped", 1, holder("t"), TTL)
+        assert backend._client().negotiated_timeout == pytest.approx(40, abs=0.01)
+        assert lease.remaining() <= 40 * 0.9
+        assert backend.renew(lease) and lease.remaining() <= 40 * 0.9
+    finally:
+        server.remove()

@@ -76,7 +76,27 @@ MARGIN = 0.1
 
 class _FailFastClient(KazooClient):
     """Requests fail at once while disconnected (kazoo queues them with no
-    deadline); ``KazooRetry`` never retries ``ConnectionClosedError``."""
+    deadline); ``KazooRetry`` never retries ``ConnectionClosedError``.
+
+    Also keeps the session timeout the server agreed to: a server caps what a
+    client asks for (20 ticks by default), and a lease must not count on more
+    than the server does. kazoo logs it but does not keep it; its connection's
+    ``_connect`` returns two thirds of it as the read timeout (kazoo 2.x).
+    """
+
+    #: Seconds, from the server's reply to the last connect; None before one.
+    negotiated_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        connect = self._connection._connect
+
+        def connect_and_keep_the_timeout(*connect_args: Any) -> Any:
+            read_timeout, connect_timeout = connect(*connect_args)
+            self.negotiated_timeout = read_timeout * 1.5 / 1000
+            return read_timeout, connect_timeout
+
+        self._connection._connect = connect_and_keep_the_timeout
 
     def _call(self, request: Any, async_object: Any) -> Any:
         if async_object is not None and not self.connected:
@@ -173,7 +193,6 @@ class ZooKeeperBackend(LockBackend):
         self.session_timeout = float(self.options.get("timeout") or 10.0)
         self.connect_timeout = float(self.options.get("connect_timeout") or 3.0)
         self.guard_timeout = float(self.options.get("guard_timeout") or 2.0)
-        self.validity = self.session_timeout * (1 - MARGIN)
         self._session = PerProcess(self._connect, self._end)
 
     def describe(self) -> str:
@@ -233,25 +252,31 @@ class ZooKeeperBackend(LockBackend):
         recipe.assured_path = session.stored.get(path) == capacity  # skips kazoo's check
         try:
             try:
-                recipe.acquire(timeout=self.guard_timeout)
+                granted = recipe.acquire(timeout=self.guard_timeout)
             except ValueError:  # another capacity is stored: store ours, under its lock
                 lock = client.Lock(recipe.lock_path)
-                lock.acquire(timeout=self.guard_timeout)
+                if not lock.acquire(timeout=self.guard_timeout):
+                    return None
                 try:
                     client.set(path, str(capacity).encode())
                 finally:
                     lock.release()
                 recipe.assured_path = True
-                recipe.acquire(timeout=self.guard_timeout)
+                granted = recipe.acquire(timeout=self.guard_timeout)
         except (zk.CancelledError, zk.LockTimeout):  # full meanwhile, or its lock stayed busy
             return None
         finally:  # each Semaphore adds a session listener that only LOST removes
             client.remove_listener(recipe._watch_session)
+        # kazoo's Lock gives up quietly (False) when a connection loss interrupts
+        # it; a recipe that created no lease node must never become a lease.
+        if not granted or not recipe.stat.czxid:
+            return None
         session.stored[path] = capacity
         return recipe
 
     def _confirm(self, session: _Session, lease: Lease, sent_at: float) -> None:
-        lease.confirm(sent_at, self.validity)
+        agreed = session.client.negotiated_timeout or self.session_timeout
+        lease.confirm(sent_at, min(self.session_timeout, agreed) * (1 - MARGIN))
         lease.expires_at = utcnow() + timedelta(seconds=lease.ttl)
         if not session.client.connected:
             lease.valid_until = 0.0  # SUSPENDED meanwhile: its listener may have run first
