@@ -47,26 +47,20 @@ def current_lease() -> Lease | None:
     return _current_lease.get()
 
 
-class Heartbeat:
-    """One thread per process renewing every lease this process holds, about every ttl/3.
+class _BackendHeartbeat:
+    """One thread renewing every lease this process holds on one lock backend.
 
     Registering a lease is a dict insert and a notify, so holding a lock costs
-    no thread start. The thread starts lazily. In a forked child the whole
-    heartbeat starts empty (:func:`~django_celery_adv.process.after_fork`):
-    the parent's leases are the parent's to renew, and the parent's condition
-    lock may have been held by a thread the child does not have.
-
-    The thread survives anything a renewal raises. A renewal that fails is
-    tried again (sooner, as the lease's validity runs out) until the lease's
-    own validity has passed; only then is the lease reported lost. Renewals run
-    one after another: a lease whose server hangs delays the others by at most
-    that backend's client timeout, far below ttl/3 for the TTLs locks use.
+    no thread start. The thread starts lazily. The thread survives anything a
+    renewal raises. A renewal that fails is tried again (sooner, as the
+    lease's validity runs out) until the lease's own validity has passed; only
+    then is the lease reported lost. Renewals on one backend run one after
+    another, so a server that hangs delays only the leases it holds (at most by
+    its client's timeout); the other backends have threads of their own.
     """
 
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
         self._due: dict[int, tuple[float, Lease]] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -77,8 +71,8 @@ class Heartbeat:
         with self._wakeup:
             self._due[id(lease)] = (due_at, lease)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="lock-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=f"lock-heartbeat-{self.alias}")
                 self._thread.start()
             elif due_at < self._wake_at:  # else the thread wakes early enough anyway
                 self._wakeup.notify()
@@ -106,9 +100,9 @@ class Heartbeat:
             due = [lease for at, lease in self._due.values() if at <= now]
             if not due:
                 if not self._due:
-                    # Idle: drop this thread's database connection (the
-                    # database backend renews through it) rather than keep
-                    # it open, unused, for the life of the process.
+                    # Idle: close what Django connections this thread opened
+                    # (an on_lost callback may use the ORM) rather than keep
+                    # them, unused, for the life of the process.
                     connections.close_all()
                 self._wake_at = min((at for at, _ in self._due.values()), default=now + 60)
                 self._wakeup.wait(self._wake_at - now)
@@ -116,7 +110,7 @@ class Heartbeat:
                 return
             for lease in due:  # renewed below; rescheduled only if still held
                 self._due[id(lease)] = (now + _interval(lease), lease)
-        close_old_connections()  # as Django does per request: drop dead ones
+        close_old_connections()  # as Django does per request (for on_lost callbacks)
         for lease in due:
             self._renew(lease)
 
@@ -149,6 +143,42 @@ def _interval(lease: Lease) -> float:
     # A third of what the lease is confirmed for: the TTL, or less where the
     # server bounds validity otherwise (ZooKeeper: the session timeout).
     return max(min(lease.ttl, lease.remaining()) / 3, 0.05)
+
+
+class Heartbeat:
+    """Renews every lease this process was granted, about every third of its
+    validity, with one thread per lock backend (see :class:`_BackendHeartbeat`).
+
+    In a forked child the heartbeat starts empty
+    (:func:`~django_celery_adv.process.after_fork`): the parent's leases are
+    the parent's to renew, and the parent's locks may have been held by a
+    thread the child does not have.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._beats: dict[str, _BackendHeartbeat] = {}
+        self._guard = threading.Lock()
+
+    def beat(self, alias: str) -> _BackendHeartbeat:
+        with self._guard:
+            if alias not in self._beats:
+                self._beats[alias] = _BackendHeartbeat(alias)
+            return self._beats[alias]
+
+    def add(self, lease: Lease) -> None:
+        self.beat(lease.backend).add(lease)
+
+    def discard(self, lease: Lease) -> None:
+        beat = self._beats.get(lease.backend)
+        if beat is not None:
+            beat.discard(lease)
+
+    def held(self) -> list[Lease]:
+        """The leases this process is renewing now."""
+        return [lease for beat in list(self._beats.values()) for lease in beat.held()]
 
 
 heartbeat = Heartbeat()

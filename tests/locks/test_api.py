@@ -188,7 +188,7 @@ def test_child_forked_right_after_an_acquire_starts_with_its_own_heartbeat(memor
             return done.wait(1.0)  # hung forever when the condition was inherited held
 
         # The heartbeat's condition is held while a lease is added: fork then.
-        with heartbeat._wakeup:
+        with heartbeat.beat("memory")._wakeup:
             status = _in_child(child)
     assert status == 0, "the forked child could not take a lock within 1 s (or hung)"
 
@@ -265,3 +265,24 @@ def test_override_settings_rebuilds_only_what_changed(memory):
         assert lock_backends["memory"].options == {"x": 1}
         assert memory.closed
         assert apps["default"] is kept_app  # its settings did not change
+
+
+def test_a_hung_backend_delays_only_its_own_leases(memory, name):
+    # Renewals on one backend run one after another; a server that hangs must
+    # not starve the leases held on another backend (review finding).
+    backends = {**conf.lock_backend_settings(), "memory": {"BACKEND": MEMORY},
+                "hung": {"BACKEND": MEMORY}}
+    with override_settings(CELERY_ADV={**conf.user_settings(), "LOCK_BACKENDS": backends}):
+        hung = lock_backends["hung"]
+        release_hang = threading.Event()
+        hung.renew = lambda lease: release_hang.wait(10) and False
+        LockDefinition.objects.create(name=f"{name}-hung", backend="hung", ttl=0.6)
+        define(name, ttl=0.6)
+        policies.invalidate()
+        try:
+            with lock(f"{name}-hung"), lock(name) as healthy:
+                for _ in range(8):
+                    time.sleep(0.25)
+                    assert healthy.is_valid(), "a hung backend starved another one's renewals"
+        finally:
+            release_hang.set()
