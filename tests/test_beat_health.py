@@ -262,3 +262,14 @@ def test_a_standby_sends_nothing(leading_scheduler):
     time.sleep(1)
     assert collector.sent == []
     assert PeriodicTask.objects.get(name="tick").total_run_count == 0
+
+
+@pytest.mark.django_db
+def test_max_interval_is_capped_below_a_third_of_the_ttl():
+    from django_celery_adv.beat import LockedScheduler
+    from django_celery_adv.registry import apps
+
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV, "BEAT": {"TTL": 10}}):
+        scheduler = LockedScheduler(app=apps["default"], lazy=True, max_interval=300)
+    assert scheduler.max_interval == 2.5 < 10 / 3
+    assert "lease 'beat.default' on lock backend 'default', TTL 10 s" in scheduler.info
