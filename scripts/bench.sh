@@ -1,32 +1,58 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): writes docs/benchmarks.md. Starts the servers like test.sh.
-#   bash scripts/bench.sh            # SQLite database
-#   TEST_DB=postgres bash scripts/bench.sh
+#   bash scripts/bench.sh                   # SQLite database
+#   TEST_DB=postgres bash scripts/bench.sh  # PostgreSQL (database celery_adv_bench)
+#   TEST_DB=mariadb bash scripts/bench.sh   # MariaDB (database celery_adv_bench)
+# Sections that depend on the database are keyed by it; the last step collects the
+# database lock round and makespan of every database run so far into one table.
+# Env: BENCH_LOCK_ROUNDS (300), BENCH_MASK_ROUNDS (5), BENCH_INSPECT_ROUNDS (30),
+#      BENCH_INSPECT_SLOW_ROUNDS (5), BENCH_PAGE_ROUNDS (20), BENCH_FAILOVERS (5),
+#      BENCH_SKIP="masking beat_failover ..." (bench modules not to run this time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv "all,test"
+ensure_venv "all,test,bench"
 # Stop only what this run started: a server another run still uses stays up.
 started=$(mktemp)
 trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
 SERVICES_STARTED_FILE=$started bash scripts/services.sh start
-if [ "${TEST_DB:-sqlite}" = postgres ]; then
-  # bench/settings.py names a database of its own: create it on a fresh machine.
-  DJANGO_SETTINGS_MODULE=bench.settings .venv/bin/python - <<'PY'
-import psycopg
+# bench/settings.py names a database of its own: create it on a fresh machine.
+DJANGO_SETTINGS_MODULE=bench.settings .venv/bin/python - <<'PY'
 from django.conf import settings
-from psycopg import sql
 
 db = settings.DATABASES["default"]
-with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
-                     password=db["PASSWORD"] or None, dbname="postgres",
-                     autocommit=True) as connection:
-    if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (db["NAME"],)).fetchone():
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
-        print(f"created the PostgreSQL database {db['NAME']}")
+if db["ENGINE"].endswith("postgresql"):
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
+                         password=db["PASSWORD"] or None, dbname="postgres",
+                         autocommit=True) as connection:
+        if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (db["NAME"],)).fetchone():
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
+            print(f"created the PostgreSQL database {db['NAME']}")
+elif db["ENGINE"].endswith("mysql"):
+    import pymysql
+
+    connection = pymysql.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
+                                 password=db["PASSWORD"], autocommit=True)
+    with connection.cursor() as cursor:
+        name = db["NAME"].replace("`", "``")
+        if cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 "
+                          "COLLATE utf8mb4_unicode_ci"):
+            print(f"created the MariaDB database {db['NAME']}")
+    connection.close()
 PY
-fi
-.venv/bin/python -m bench.locks_roundtrip
-.venv/bin/python -m bench.makespan
-.venv/bin/python -m bench.inspect_all
+echo "bench.sh: TEST_DB=${TEST_DB:-sqlite}, $(uptime)"
+for module in locks_roundtrip makespan inspect_all masking beat_failover; do
+  if [[ " ${BENCH_SKIP:-} " == *" $module "* ]]; then
+    echo "bench.sh: skipped bench.$module (BENCH_SKIP)"
+    continue
+  fi
+  started_at=$SECONDS
+  .venv/bin/python -m "bench.$module"
+  echo "bench.sh: bench.$module took $((SECONDS - started_at)) s"
+done
+.venv/bin/python -m bench.report
+echo "bench.sh: done, $(uptime)"
