@@ -408,7 +408,8 @@ def check_beat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     if not isinstance(per_app, dict):
         return [*messages, _error("E025", "CELERY_ADV['BEAT']['APPS'] must be a dict of "
                                           "app alias -> beat settings.")]
-    sections = [("CELERY_ADV['BEAT']", {**defaults, **beat})]
+    # Only what the project wrote: a missing "default" lock backend is E010's to report.
+    sections = [("CELERY_ADV['BEAT']", beat)]
     for alias, overrides in per_app.items():
         where = f"CELERY_ADV['BEAT']['APPS'][{alias!r}]"
         if alias not in conf.app_settings():
