@@ -22,7 +22,8 @@ whole schedule from the database. For each due entry the leader:
    as message headers.
 
 Runs missed while no beat led are coalesced: an entry is due once however
-many periods passed (``last_run_at`` becomes the send time).
+many periods passed (``last_run_at`` becomes the send time). A run is sent at
+most once: a send the broker refuses is logged and not retried (as in Celery).
 
 Per-app schedules: the beat of alias X loads only the periodic tasks whose
 task belongs to X: a task defined with ``apps[X].task`` (or registered on X),
