@@ -56,6 +56,22 @@ Guarantees per database (``USE_TZ = True`` required; system check W010):
   (``"init_command": "PRAGMA journal_mode=WAL;"``) so the read-only "is it
   full?" checks of waiting acquirers never hold up a releasing writer.
 
+Waits on the server are bounded by ``IO_TIMEOUT`` (10 s) where the driver can
+bound them; the own connection gets these options unless the alias's OPTIONS
+set them. MariaDB/MySQL (PyMySQL, mysqlclient): ``connect_timeout``,
+``read_timeout``, ``write_timeout``: a server that stops answering fails the
+statement. PostgreSQL (libpq): ``connect_timeout``, ``tcp_user_timeout`` and
+keepalives: a link that stops acknowledging (a partition, a dead host) fails
+the statement, but libpq has no read timeout, so a server whose kernel still
+acknowledges while the server never answers (a paused process) keeps the
+statement waiting. The heartbeat renews each backend's leases on a thread of
+its own, so such a wait never starves leases held on other backends.
+
+On SQLite inside the caller's ``transaction.atomic`` the grant is part of the
+caller's transaction: if the caller rolls back, the fence bump is undone too
+and a later grant can carry the same token again. Do not rely on fencing
+tokens from grants made inside a transaction that may roll back on SQLite.
+
 Error handling: ``DatabaseError`` (``client_errors``) becomes ``LockError``
 through ``translate_errors``, which callers treat as retryable. A transaction
 the database aborted to break a conflict (PostgreSQL serialization failure or
@@ -270,11 +286,31 @@ def _source(params: Mapping[str, Any]) -> tuple:
     return tuple(str(params.get(key)) for key in ("ENGINE", "NAME", "HOST", "PORT", "USER"))
 
 
+#: Seconds a lock statement's connection waits for a server that does not
+#: answer (cut off, hung) before the statement fails with ``LockError``; the
+#: alias's own driver OPTIONS of the same name win.
+IO_TIMEOUT = 10
+
+
+def _io_timeouts(vendor: str) -> dict[str, Any]:
+    """Driver options that bound every wait on the server (connect, send, read)."""
+    if vendor == "postgresql":  # libpq: keepalives notice a silent peer, the rest bound waits
+        return {"connect_timeout": IO_TIMEOUT, "tcp_user_timeout": IO_TIMEOUT * 1000,
+                "keepalives": 1, "keepalives_idle": max(1, IO_TIMEOUT // 3),
+                "keepalives_interval": 1, "keepalives_count": 3}
+    if vendor == "mysql":  # PyMySQL and mysqlclient
+        return {"connect_timeout": IO_TIMEOUT, "read_timeout": IO_TIMEOUT,
+                "write_timeout": IO_TIMEOUT}
+    return {}
+
+
 def open_own_connection(using: str, alias: str) -> Any:
     base = connections[using]
     params = copy.deepcopy(base.settings_dict)
     options = params["OPTIONS"]
     options.pop("pool", None)  # one persistent connection per thread instead
+    for key, value in _io_timeouts(base.vendor).items():
+        options.setdefault(key, value)
     if base.vendor == "postgresql":
         from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
