@@ -29,6 +29,9 @@ SERVICES_STARTED_FILE=$started bash scripts/services.sh start
 export TEST_BUILD_DIR="$PWD/build/tests"
 mkdir -p "$TEST_BUILD_DIR"
 .venv/bin/ruff check django_celery_adv demo_project tests bench
+# The wheel, not the source tree: built, checked, installed into a clean venv
+# and driven from outside the repository (templates, migrations, commands).
+bash scripts/wheel_smoke.sh
 
 # SQLite runs the whole suite; PostgreSQL and MariaDB run what touches the
 # database (marker ``db``, set in tests/conftest.py): the rest would only
