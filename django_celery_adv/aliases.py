@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import abc
 import copy
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from django.core.signals import setting_changed
 
 from . import conf
+from .process import ForkSafeLock
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ class AliasRegistry(Mapping[str, T], Generic[T], abc.ABC):
 
     def __init__(self) -> None:
         self._built: dict[str, tuple[Any, T]] = {}
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         setting_changed.connect(self._settings_changed, weak=False)
 
     @abc.abstractmethod

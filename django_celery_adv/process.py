@@ -14,7 +14,8 @@ Guarantees:
   before any code of the child runs (``os.register_at_fork``), in the order
   the callbacks were registered;
 * a :class:`PerProcess` value is made on first use in each process and never
-  crosses a fork: the child makes its own, the parent's is dropped unclosed.
+  crosses a fork: the child makes its own, the parent's is dropped unclosed;
+* a :class:`ForkSafeLock` is never inherited held: the child gets a new one.
 
 Only ``os.fork()`` (and what uses it: multiprocessing's ``fork`` context,
 billiard's prefork pool) is covered; ``spawn`` children start from scratch anyway.
@@ -22,6 +23,7 @@ billiard's prefork pool) is covered; ``spawn`` children start from scratch anywa
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -41,10 +43,30 @@ def after_fork(callback: Callable[[], None]) -> Callable[[], None]:
 
 def _run_after_fork() -> None:
     for callback in _callbacks:
-        callback()
+        try:
+            callback()
+        except Exception:  # one failing reset must not leave the others undone
+            logging.getLogger(__name__).exception("after-fork reset %r failed", callback)
 
 
 os.register_at_fork(after_in_child=_run_after_fork)
+
+
+class ForkSafeLock:
+    """A ``threading.Lock`` that a forked child gets anew: a lock inherited held
+    by a thread the child does not have would never be released there."""
+
+    _instances: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        ForkSafeLock._instances.add(self)
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
 class PerProcess(Generic[T]):
@@ -95,3 +117,5 @@ class PerProcess(Generic[T]):
 def _forget_all() -> None:
     for instance in list(PerProcess._instances):
         instance._forget()
+    for lock in list(ForkSafeLock._instances):
+        lock._lock = threading.Lock()

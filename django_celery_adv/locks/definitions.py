@@ -16,13 +16,13 @@ last known policies keep being served.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 from django.db import DatabaseError, IntegrityError
 
 from .. import conf
+from ..process import ForkSafeLock
 
 #: How often a process asks the change tracker whether a definition moved.
 CHECK_SECONDS = 1.0
@@ -58,7 +58,7 @@ class PolicyCache:
         self._policies: dict[str, LockPolicy] = {}
         self._version: int | None = None
         self._checked_at = float("-inf")
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def get(self, name: str, capacity: int, **code_defaults: object) -> LockPolicy:
         """The policy of ``name``; creates its row from the code's defaults if absent."""

@@ -193,6 +193,16 @@ def test_child_forked_right_after_an_acquire_starts_with_its_own_heartbeat(memor
     assert status == 0, "the forked child could not take a lock within 1 s (or hung)"
 
 
+def test_a_child_forked_while_the_policy_and_registry_locks_are_held_can_take_them(memory):
+    def child() -> bool:
+        policies.reload()  # takes the policy cache's lock
+        lock_backends.reset()  # takes the registry's lock
+        return True
+
+    with policies._lock, lock_backends._lock:  # another thread inside them at fork time
+        assert _in_child(child) == 0, "the child hung on a lock inherited held"
+
+
 def test_a_forked_child_never_releases_the_parents_lease(memory, name):
     define(name, ttl=30)
     with lock(name) as lease:
