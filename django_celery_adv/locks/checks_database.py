@@ -60,10 +60,13 @@ def check_database_lock_backend(app_configs: Any = None, databases: Iterable[str
 
 
 def _is_database_backend(params: Any, base: type) -> bool:
+    path = params.get("BACKEND") if isinstance(params, dict) else None
+    if not isinstance(path, str):
+        return False  # E010 reports it
     try:
-        backend_cls = import_string(params["BACKEND"])
-    except (ImportError, KeyError, TypeError):
-        return False  # E010/E011 report it
+        backend_cls = import_string(path)
+    except ImportError:
+        return False  # E011 reports it
     return isinstance(backend_cls, type) and issubclass(backend_cls, base)
 
 
