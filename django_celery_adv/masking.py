@@ -6,14 +6,23 @@ error messages of client libraries, the arguments of running or failed tasks).
 Guarantees:
 
 * :func:`mask_url` never returns the password of a URL it was given, nor the
-  value of a query parameter with a secret-looking name (``?password=...``);
-  the rest of the URL (scheme, user, host, port, path) stays readable. Several
-  URLs separated by ``;`` (kombu's failover syntax) or given as a list are each
-  masked.
+  value of a query parameter with a secret-looking name (``?password=...``),
+  nor a secret-looking property of a query value made of ``KEY:value`` pairs
+  separated by commas (MongoDB's
+  ``authMechanismProperties=AWS_SESSION_TOKEN:...``); the rest of the URL
+  (scheme, user, host, port, path) stays readable. Several URLs separated by
+  ``;`` (kombu's failover syntax) or given as a list are each masked.
+  :func:`url_secrets` returns the same secrets, decoded, as literals for
+  :func:`mask_text`.
 * :func:`mask_text` masks, anywhere inside free text, the password part of
   every ``scheme://user:password@`` URL, the value of every
   ``secret-name = value`` / ``"secret-name": "value"`` pair, and every literal
-  string the caller names as a secret.
+  string the caller names as a secret. A quoted value ends only at an
+  unescaped quote (``"a\\"b"`` is one value) and may carry a string prefix
+  (``b'...'``, ``rb"..."``: up to two of b, r, u in any case). After an
+  ``auth`` / ``authorization`` key, a scheme word and the credential behind
+  it are masked together (``Authorization: Bearer xyz``, also ``Digest``'s
+  ``name="value", ...`` parameter list).
 * :func:`mask_secrets` returns a masked copy of a nested structure (dicts,
   lists, tuples, sets): values under secret-looking keys become :data:`MASK`
   whatever their type, and every string inside goes through :func:`mask_text`.
@@ -40,13 +49,18 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 #: What a hidden value is replaced with.
 MASK = "****"
 
+# ``auth`` / ``authorization`` only as the whole last word part of a key, so
+# ``authSource`` or ``author`` stay visible. Its value may be an HTTP
+# "scheme credential" pair, masked whole (see _pair_pattern).
+_AUTH_NAME = r"(?:^|[_.-])auth(?:orization)?$"
+_AUTH_KEY_RE = re.compile(_AUTH_NAME, re.I)
+
 #: Key names whose values are secrets, searched for anywhere in a key
-#: (case-insensitive); ``auth`` / ``authorization`` only as a whole word
-#: part, so ``authSource`` or ``author`` stay visible.
+#: (case-insensitive); ``auth`` / ``authorization`` only as a whole word part.
 SECRET_NAME = (
     r"pass(?:word|wd|phrase)|^pass$|pwd|secret|token|api[_-]?key|credential"
     r"|private[_-]?key|access[_-]?key|session[_-]?id|cookie|signature"
-    r"|(?:^|[_.-])auth(?:orization)?$"
+    rf"|{_AUTH_NAME}"
 )
 _SECRET_KEY_RE = re.compile(SECRET_NAME, re.I)
 
@@ -61,12 +75,14 @@ _URL_USERINFO_RE = re.compile(_URL_USERINFO + "@", re.I)
 
 # key=value, "key": "value", 'key': 'value', key: value -- for keys that look
 # like secrets; is_secret_key has the last word, so both places agree. Only
-# such keys are matched: a match consumes its value, which must not swallow a
-# secret pair behind an ordinary one. A key is a whole run of [\w.-] holding
-# a hint word. Trying a pattern at every character of a long run and
-# re-splitting the run on failure made the old pattern quadratic: now
-# _mask_pairs finds the hint words with str.find and matches the pattern once
-# per run holding one, from the run's start; the run is taken possessively.
+# such keys are matched (_mask_pairs checks the key before the pattern runs):
+# a match consumes its value, which must not swallow a secret pair behind an
+# ordinary one (authMechanismProperties=AWS_SESSION_TOKEN:...). A key is a
+# whole run of [\w.-] holding a hint word. Trying a pattern at every character
+# of a long run and re-splitting the run on failure made the old pattern
+# quadratic: now _mask_pairs finds the hint words with str.find and matches
+# the pattern once per run holding one, from the run's start. Every repeat is
+# possessive, so no run is ever re-split on failure.
 _HINT_WORDS = ("pass", "pwd", "secret", "token", "api", "credential", "private", "access",
                "session", "cookie", "signature", "auth")
 # The non-ASCII letters re.IGNORECASE equates with an ASCII one (Python's re
@@ -75,21 +91,51 @@ _ASCII_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212
 _RUN_RE = re.compile(r"[\w.-]*+")
 _KEY = r"""(?<![\w.-])(?P<key>[\w.-]++)"""
 _SEP = r"""(?P<sep>['"]?\s*+[:=]\s*+)"""
-_BARE = r"""(?P<bare>[^\s,;&'"()\[\]{}<>]++)"""
+_BARE = r"""[^\s,;&'"()\[\]{}<>]++"""
+# b'...', rb"...", U'...': a string prefix stays, the quoted value is masked.
+_PREFIX = r"(?P<prefix>[bru]{0,2}+)"
+# A credential after an auth scheme may hold ; & = : / (AWS4's
+# SignedHeaders=host;x-amz-date) and quoted strings (Digest's response="...").
+_CREDENTIAL_CHARS = r"""[^\s,'"()\[\]{}<>]++"""
 
 
-def _pair_pattern(quote_end: str) -> re.Pattern[str]:
-    return re.compile(rf"""{_KEY}{_SEP}(?:'(?P<single>[^']*+)(?:'{quote_end})"""
-                      rf"""|"(?P<double>[^"]*+)(?:"{quote_end})|{_BARE})""", re.I)
+def _quoted(quote: str, end: str, name: str = "") -> str:
+    """A string in ``quote``s, its body in group ``name``; ``end`` may also close it.
+
+    A backslash escapes the next character (``"a\\"b"`` is one string). The
+    body is runs of plain characters between escapes, each run possessive:
+    read once, never re-split. A backslash may be the last character of a
+    cut text, so the escaped character is optional.
+    """
+    body = rf"[^{quote}\\]*+(?:\\[\s\S]?[^{quote}\\]*+)*+"
+    if name:
+        body = f"(?P<{name}>{body})"
+    return f"{quote}{body}(?:{quote}{end})"
 
 
-_KEY_VALUE_RE = _pair_pattern("")
+def _pair_pattern(end: str, *, auth: bool) -> re.Pattern[str]:
+    """``key sep value`` for secret keys; ``end`` (``|\\Z``) also closes a quote.
 
-# The same two patterns for a text cut short (see mask_text's ``limit``): the
-# end of the text may fall inside a password or a quoted value, so the end
-# counts as the closing "@" or quote and the piece before it is masked.
+    After an auth key a bare value may be "scheme credential": one word,
+    blanks, a credential, and ``, name=value`` parameters belonging to it.
+    """
+    bare = _BARE
+    if auth:
+        quoted = _quoted('"', end)
+        credential = rf"(?:{_CREDENTIAL_CHARS}|{quoted})++"
+        bare = (rf"[a-z][\w.+-]*+[ \t]++{credential}"
+                rf"(?:,[ \t]*+(?=[\w.-]++=){credential})*+|{bare}")
+    return re.compile(rf"""{_KEY}{_SEP}(?:{_PREFIX}(?:{_quoted("'", end, "single")}"""
+                      rf"""|{_quoted('"', end, "double")})|(?P<bare>{bare}))""", re.I)
+
+
+# [ordinary key, auth key] -> pattern. The cut ones, and the URL pattern's, are
+# for a text cut short (see mask_text's ``limit``): the end of the text may
+# fall inside a password or a quoted value, so the end counts as the closing
+# "@" or quote and the piece before it is masked.
+_KEY_VALUE_RES = (_pair_pattern("", auth=False), _pair_pattern("", auth=True))
+_KEY_VALUE_CUT_RES = (_pair_pattern(r"|\Z", auth=False), _pair_pattern(r"|\Z", auth=True))
 _URL_USERINFO_CUT_RE = re.compile(_URL_USERINFO + r"(?:@|\Z)", re.I)
-_KEY_VALUE_CUT_RE = _pair_pattern(r"|\Z")
 
 #: What ends a text that ``mask_text(..., limit=...)`` had to cut.
 ELLIPSIS = "..."
@@ -104,6 +150,45 @@ def is_secret_key(key: object) -> bool:
     return isinstance(key, str) and bool(_SECRET_KEY_RE.search(key))
 
 
+def _secret_properties(value: str) -> list[str]:
+    """The secret values in a ``KEY:value,KEY:value`` query value.
+
+    MongoDB's ``authMechanismProperties`` has this shape (``AWS_SESSION_TOKEN``
+    in it); split as pymongo splits it: at commas, then at the first colon.
+    """
+    found = []
+    for item in value.split(","):
+        key, colon, prop = item.partition(":")
+        if colon and is_secret_key(key):
+            found.append(prop)
+    return found
+
+
+def _mask_properties(value: str) -> str:
+    masked = []
+    for item in value.split(","):
+        key, colon, _ = item.partition(":")
+        masked.append(f"{quote(key, safe='')}:{MASK}" if colon and is_secret_key(key)
+                      else quote(item, safe=":"))
+    return ",".join(masked)
+
+
+def _query_secrets(query: str) -> list[str]:
+    """The secret values in a URL's query, decoded: secret keys' and properties'."""
+    found = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        found.extend([value] if is_secret_key(key) else _secret_properties(value))
+    return found
+
+
+def _masked_query_value(key: str, value: str) -> str:
+    if is_secret_key(key):
+        return MASK
+    if _secret_properties(value):
+        return _mask_properties(value)
+    return quote(value, safe="")
+
+
 def _mask_one_url(url: str) -> str:
     url = url.strip()
     try:
@@ -111,20 +196,17 @@ def _mask_one_url(url: str) -> str:
     except ValueError:  # not a URL after all (e.g. an unbalanced "[")
         return mask_text(url)
     netloc = parts.netloc
-    if "@" not in netloc and not any(
-            is_secret_key(key) for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+    query_secrets = _query_secrets(parts.query)
+    if "@" not in netloc and not query_secrets:
         return url  # nothing to hide: keep it as written ("filesystem://" stays whole)
     if "@" in netloc:
         userinfo, _, hostinfo = netloc.rpartition("@")
         user, has_password, _password = userinfo.partition(":")
         netloc = f"{user}:{MASK}@{hostinfo}" if has_password else f"{user}@{hostinfo}"
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(is_secret_key(key) for key, _ in pairs):
-            query = "&".join(
-                f"{quote(key, safe='')}={MASK if is_secret_key(key) else quote(value, safe='')}"
-                for key, value in pairs)
+    if query_secrets:
+        query = "&".join(f"{quote(key, safe='')}={_masked_query_value(key, value)}"
+                         for key, value in parse_qsl(query, keep_blank_values=True))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -141,7 +223,10 @@ def mask_url(url: str | Iterable[str] | None) -> str:
 
 
 def url_secrets(url: str | Iterable[str] | None) -> list[str]:
-    """The passwords inside one or several URLs (to hand to :func:`mask_text`)."""
+    """The secrets inside one or several URLs (to hand to :func:`mask_text`).
+
+    Passwords as written, then the secret query values (decoded), in order.
+    """
     if url is None:
         return []
     urls = url.split(";") if isinstance(url, str) else [str(item) for item in url]
@@ -153,17 +238,16 @@ def url_secrets(url: str | Iterable[str] | None) -> list[str]:
             continue
         if parts.password:
             found.append(parts.password)
-        found.extend(value for key, value in parse_qsl(parts.query) if is_secret_key(key))
+        found.extend(_query_secrets(parts.query))
     return found
 
 
 def _mask_pair(match: re.Match[str]) -> str:
-    if not is_secret_key(match.group("key")):
-        return match.group(0)
+    prefix = match.group("prefix") or ""
     if match.group("single") is not None:
-        value = f"'{MASK}'"
+        value = f"{prefix}'{MASK}'"
     elif match.group("double") is not None:
-        value = f'"{MASK}"'
+        value = f'{prefix}"{MASK}"'
     else:
         value = MASK
     return f"{match.group('key')}{match.group('sep')}{value}"
@@ -196,12 +280,13 @@ def _hint_positions(text: str) -> list[int]:
     return sorted(found)
 
 
-def _mask_pairs(text: str, pair_re: re.Pattern[str]) -> str:
+def _mask_pairs(text: str, pair_res: tuple[re.Pattern[str], re.Pattern[str]]) -> str:
     """Every secret-looking ``key=value`` pair in ``text`` masked (``_mask_pair``).
 
-    Left to right as ``re.sub`` goes, but the pattern is matched only at the
-    start of each run of [\\w.-] that holds a hint word, found with
-    ``str.find``; the regex engine is not started at every character.
+    Left to right as ``re.sub`` goes, but a pattern (``pair_res``: for other
+    keys, for auth keys) is matched only at the start of each run of [\\w.-]
+    that holds a hint word, found with ``str.find``, and only if the run is a
+    secret key; the regex engine is not started at every character.
     """
     reversed_text = ""
     parts: list[str] = []
@@ -213,10 +298,13 @@ def _mask_pairs(text: str, pair_re: re.Pattern[str]) -> str:
             reversed_text = text[::-1]  # to find a run's start with one forward match
         back = len(text) - hint
         start = hint - (_RUN_RE.match(reversed_text, back).end() - back)
-        match = pair_re.match(text, start)
+        end = _RUN_RE.match(text, hint).end()
+        key = text[start:end]
+        match = (pair_res[bool(_AUTH_KEY_RE.search(key))].match(text, start)
+                 if is_secret_key(key) else None)
         if match is None:
-            # No pair starts at this run; its other hints would try the same start.
-            end = _RUN_RE.match(text, hint).end()
+            # No secret pair starts at this run; its other hints would try the same
+            # start. An ordinary key's value is left to be searched: it may hold one.
             parts.append(text[done:end])
         else:
             end = match.end()
@@ -227,10 +315,10 @@ def _mask_pairs(text: str, pair_re: re.Pattern[str]) -> str:
 
 
 def _mask(text: str, literals: list[str], *, cut: bool = False) -> str:
-    url_re, pair_re = ((_URL_USERINFO_CUT_RE, _KEY_VALUE_CUT_RE) if cut
-                       else (_URL_USERINFO_RE, _KEY_VALUE_RE))
+    url_re, pair_res = ((_URL_USERINFO_CUT_RE, _KEY_VALUE_CUT_RES) if cut
+                        else (_URL_USERINFO_RE, _KEY_VALUE_RES))
     text = url_re.sub(_mask_userinfo, text)
-    text = _mask_pairs(text, pair_re)
+    text = _mask_pairs(text, pair_res)
     for secret in literals:
         text = text.replace(secret, MASK)
     return text

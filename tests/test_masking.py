@@ -1,5 +1,9 @@
 """``mask_text`` in linear time, and ``limit=`` never showing a secret the cut falls into.
 
+Also the shapes a review found still showing a secret: auth scheme + credential,
+escaped quotes, b/r/u string prefixes, ``KEY:value`` properties (MongoDB's
+``authMechanismProperties``) in URLs and text.
+
 The large inputs run in a child process with a 10 s timeout: 1 MB of each
 input that made one of the old patterns quadratic (hours on that code, well
 under a second now). No test asserts a speed; the timeout only stops a
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from django_celery_adv.masking import MASK, mask_text
+from django_celery_adv.masking import MASK, mask_text, mask_url, url_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 ELLIPSIS = "..."  # what ends a cut text (masking.ELLIPSIS)
@@ -40,6 +44,25 @@ LARGE_INPUTS = {
                        "s3cr3t-W0rd"),
     "many-open-quotes": ("'token=\"' * (N // 7) + \" secret='s3cr3t-W0rd'\"", "s3cr3t-W0rd"),
     "many-pairs": ('"token=abc " * (N // 10) + "token=s3cr3t-W0rd"', "s3cr3t-W0rd"),
+    # Shapes of the review findings: escaped quotes, string prefixes, auth schemes with
+    # parameter lists, KEY:value properties behind an ordinary key.
+    "escaped-quotes": ("'token=\"' + '\\\\\\\"' * (N // 2) + ' s3cr3t-W0rd\"'", "s3cr3t-W0rd"),
+    "unclosed-escaped-quote": ("'token=\"' + 'x\\\\\" ' * (N // 4) + ' secret=s3cr3t-W0rd'",
+                               "s3cr3t-W0rd"),
+    "many-escaped-quotes": ("'token=\"\\\\\"' * (N // 9) + ' api_key=s3cr3t-W0rd'",
+                            "s3cr3t-W0rd"),
+    "string-prefixes": ('"token=rb" * (N // 8) + " token=b\'s3cr3t-W0rd\'"', "s3cr3t-W0rd"),
+    "auth-schemes": ('"Authorization: Bearer abc " * (N // 26) + "auth: Basic s3cr3t-W0rd"',
+                     "s3cr3t-W0rd"),
+    "auth-scheme-without-credential": ('"auth: Bearer ( " * (N // 16) + "auth: Bearer s3cr3t-W0rd"',
+                                       "s3cr3t-W0rd"),
+    "auth-parameter-list": ("'Authorization: Digest ' + 'a=\"x\", ' * (N // 7)"
+                            " + 'response=\"s3cr3t-W0rd\"'", "s3cr3t-W0rd"),
+    "auth-comma-runs": ('"auth: a b, " + ("x" * 5000 + "_auth: a b, ") * (N // 5011)'
+                        ' + "auth: Bearer s3cr3t-W0rd"', "s3cr3t-W0rd"),
+    "properties-behind-ordinary-key": ('"authMechanismProperties=" + "SERVICE_NAME:x," * (N // 15)'
+                                       ' + "AWS_SESSION_TOKEN:s3cr3t-W0rd"', "s3cr3t-W0rd"),
+    "ordinary-keys-chained": ('"access=" * (N // 7) + "password=s3cr3t-W0rd"', "s3cr3t-W0rd"),
 }
 
 CHILD = """
@@ -118,6 +141,10 @@ def test_limit_bounds_the_result_and_marks_the_cut():
     pytest.param(" token='" + "S S " * 5_000 + "'", id="single-quoted-past-the-window"),
     pytest.param(' "secret": "' + "S S " * 5_000 + '"', id="double-quoted-past-the-window"),
     pytest.param(" redis://u:" + "S" * 20_000 + "@h", id="url-password-past-the-window"),
+    pytest.param(" pwd='" + "\\'S " * 5_000 + "'", id="escaped-quotes-past-the-window"),
+    pytest.param(" auth: Bearer " + "S" * 20_000, id="auth-credential-past-the-window"),
+    pytest.param(' auth: Digest a="1", response="' + "S S " * 5_000 + '"',
+                 id="auth-parameter-past-the-window"),
 ])
 def test_secret_running_past_the_cut_is_not_shown(tail):
     text = "x" * (LIMIT - 20) + tail + " more" * 1000
@@ -143,3 +170,75 @@ def test_literal_secret_inside_the_shown_prefix_is_masked():
     masked = mask_text(text, ["hunter22"], limit=100)
     assert masked.startswith(f"connect failed for {MASK} zzz")
     assert len(masked) == 100
+
+
+# -- review findings: shapes that still showed a secret ---------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Authorization: Bearer TOKEN", f"Authorization: {MASK}"),
+    ("authorization=Basic dXNlcjpwYXNz rejected", f"authorization={MASK} rejected"),
+    ("x_auth: Token abc123\nnext line", f"x_auth: {MASK}\nnext line"),
+    ('Proxy-Authorization: Digest username="u", realm="r", nonce="n", response="6629fae4"',
+     f"Proxy-Authorization: {MASK}"),
+    ("(Authorization: AWS4-HMAC-SHA256 Credential=AKIA/20130524/s3/aws4_request, "
+     "SignedHeaders=host;x-amz-date, Signature=fe5f80f7)", f"(Authorization: {MASK})"),
+    ("Authorization: Bearer, retry", f"Authorization: {MASK}, retry"),
+    ("{'Authorization': 'Bearer TOKEN'}", f"{{'Authorization': '{MASK}'}}"),
+])
+def test_authorization_scheme_and_credential_are_masked(text, expected):
+    assert mask_text(text) == expected
+
+
+# Quoted values: backslash escapes honoured, and a b/r/u string prefix (up to two, any case).
+@pytest.mark.parametrize(("text", "expected"), [
+    ('"password": "ab\\"cdSECRET"', f'"password": "{MASK}"'),
+    ("'password': 'ab\\'cdSECRET', 'user': 'bob'", f"'password': '{MASK}', 'user': 'bob'"),
+    ('"token": "ab\\\\", "user": "bob"', f'"token": "{MASK}", "user": "bob"'),
+    ('"secret": "a\\\nb\\"c"', f'"secret": "{MASK}"'),
+    ("{'password': b'SECRET'}", f"{{'password': b'{MASK}'}}"),
+    ("password=rb'SE CRET' x", f"password=rb'{MASK}' x"),
+    ('token: U"SE CRET"', f'token: U"{MASK}"'),
+    ("api_key=Br'SE\\'CRET'", f"api_key=Br'{MASK}'"),
+    ("password=bob", f"password={MASK}"),
+])
+def test_quoted_value_honours_escapes_and_string_prefixes(text, expected):
+    assert mask_text(text) == expected
+
+
+def test_escaped_quote_at_the_cut_end_is_not_shown():
+    # The window (2 * limit) ends right after a backslash inside the quoted value.
+    limit = 20
+    text = 'password="' + "S" * 29 + "\\" + '"' + "S" * 100 + '" and more'
+    assert text[2 * limit - 1] == "\\"
+    masked = mask_text(text, limit=limit)
+    assert "S" not in masked
+    assert masked.startswith(f'password="{MASK}')
+
+
+@pytest.mark.parametrize(("url", "expected", "secrets"), [
+    ("mongodb://h/db?authMechanismProperties=AWS_SESSION_TOKEN:SECRET",
+     f"mongodb://h/db?authMechanismProperties=AWS_SESSION_TOKEN:{MASK}", ["SECRET"]),
+    ("mongodb://u:pw@h/db?authMechanism=MONGODB-AWS"
+     "&authMechanismProperties=SERVICE_NAME:mongo,AWS_SESSION_TOKEN:SECRET",
+     f"mongodb://u:{MASK}@h/db?authMechanism=MONGODB-AWS"
+     f"&authMechanismProperties=SERVICE_NAME:mongo,AWS_SESSION_TOKEN:{MASK}", ["pw", "SECRET"]),
+    ("mongodb://h/db?authmechanismproperties=AWS_SESSION_TOKEN%3ASE%2FCRET",
+     f"mongodb://h/db?authmechanismproperties=AWS_SESSION_TOKEN:{MASK}", ["SE/CRET"]),
+    ("mongodb://h/db?authMechanismProperties=SERVICE_NAME:mongo",
+     "mongodb://h/db?authMechanismProperties=SERVICE_NAME:mongo", []),
+])
+def test_secret_auth_mechanism_properties_are_masked(url, expected, secrets):
+    assert mask_url(url) == expected
+    assert url_secrets(url) == secrets
+    if "%" not in url:  # free text shows the URL as written: the pairs in it are masked
+        assert mask_text(f"cannot connect to {url} (timeout)") == (
+            f"cannot connect to {expected} (timeout)")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("authMechanismProperties=AWS_SESSION_TOKEN:x1",
+     f"authMechanismProperties=AWS_SESSION_TOKEN:{MASK}"),
+    ("author=password=x1", f"author=password={MASK}"),
+])
+def test_secret_pair_inside_an_ordinary_keys_value(text, expected):
+    assert mask_text(text) == expected
