@@ -1,4 +1,4 @@
-"""Start the whole demo: migrate, an admin user, a worker per app, beat, the web server.
+"""Start the whole demo: migrate, an admin user, a worker and two beats per app, the web server.
 
 Run by ``scripts/demo.sh``. The port is checked first: if something listens
 on ``DEMO_PORT``, the launcher says which process and exits before touching
@@ -61,9 +61,10 @@ def processes(var_dir: Path) -> dict[str, list[str]]:
                            "-n", "default@%h"],
         "worker-global": [*MANAGE, "celery", "global", "worker", "-l", "info", "-c", "2",
                           "-n", "global@%h"],
-        "beat": [*MANAGE, "celery", "default", "beat", "-l", "info",
-                 "-S", "django_celery_beat.schedulers:DatabaseScheduler",
-                 "--pidfile", str(var_dir / "beat.pid")],
+        # Two beats per app: one leads, the other stands by (LockedScheduler).
+        **{f"beat-{alias}-{n}": [*MANAGE, "celery", alias, "beat", "-l", "info",
+                                 "-S", "django_celery_adv", "--pidfile="]
+           for alias in ("default", "global") for n in (1, 2)},
         "web": [*MANAGE, "runserver", f"{HOST}:{PORT}", "--noreload"],
     }
 
@@ -95,7 +96,6 @@ def main() -> int:
         if signals:  # Ctrl-C reached the command too: nothing started yet
             return 0
         raise
-    (var_dir / "beat.pid").unlink(missing_ok=True)  # left by a killed beat: it would refuse
     supervisor = Supervisor(processes(var_dir), log_dir, cwd=ROOT, say=say)
     if not signals:
         supervisor.start()
@@ -105,6 +105,7 @@ django-celery-adv demo is starting (fresh logs in {log_dir})
   brokers:   default -> {mask_url(settings.CELERY_ADV['APPS']['default']['broker_url'])}
              global  -> {mask_url(settings.CELERY_ADV['APPS']['global']['broker_url'])}
   send demo tasks:  .venv/bin/python manage.py send_demo_tasks
+  beats:     two per app; admin "Beat processes" and `manage.py celery_status beat` say which leads
   Ctrl-C stops everything (a crashed process is restarted; its error is shown here).
 """)
         supervisor.run(lambda: bool(signals))
