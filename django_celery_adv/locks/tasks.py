@@ -100,6 +100,8 @@ def locked(name: str, capacity: int = 1, *, on_busy: str | None = None) -> Calla
             task = current_task._get_current_object()
             return run_locked(task, name, capacity, lambda: fun(*args, **kwargs), on_busy)
 
+        # Read by the beat scheduler, which skips a periodic task whose lock is full.
+        wrapper.lock_name, wrapper.lock_capacity = name, capacity  # type: ignore[attr-defined]
         return wrapper
 
     return decorator

@@ -224,3 +224,11 @@ def test_called_directly_a_free_lock_runs_the_body():
     assert guarded(5) == 5
     assert runs[0][0] == 5 and runs[0][1].name == GUARDED
     assert lock_backends["default"].holders(GUARDED) == []
+
+
+def test_beat_finds_the_lock_of_a_locked_task_and_of_a_locked_task_class():
+    from django_celery_adv.beat.scheduler import task_lock
+
+    assert task_lock(guarded) == (GUARDED, 1)
+    assert task_lock(importer) == (importer.lock_name or importer.name, 1)
+    assert task_lock(apps["default"].tasks["celery.backend_cleanup"]) is None
