@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from django.db import DatabaseError, IntegrityError
 
-from .. import conf
 from ..process import ForkSafeLock
 
 #: How often a process asks the change tracker whether a definition moved.
@@ -107,17 +106,9 @@ class PolicyCache:
     def _create(self, name: str, capacity: int, code_defaults: dict) -> LockPolicy:
         from ..models import LockDefinition
 
-        defaults = conf.get("LOCK_DEFAULTS")
-        fields = {
-            "capacity": capacity,
-            "ttl": defaults["TTL"],
-            "retry_countdown": defaults["RETRY_COUNTDOWN"],
-            "retry_jitter": defaults["RETRY_JITTER"],
-            "retry_backoff": defaults["RETRY_BACKOFF"],
-            "wait": defaults["WAIT"],
-            "max_retries": defaults["MAX_RETRIES"],
-            **{key: value for key, value in code_defaults.items() if value is not None},
-        }
+        # The rest comes from the model's field defaults, which read LOCK_DEFAULTS.
+        fields = {"capacity": capacity,
+                  **{key: value for key, value in code_defaults.items() if value is not None}}
         try:
             row, _ = LockDefinition.objects.get_or_create(name=name, defaults=fields)
         except IntegrityError:

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -160,14 +159,7 @@ def run_beats(backend: str, faults: list[str], *, seed: int, baseline: float = 5
             time.sleep(recovery)
     finally:
         nemesis.heal_all(backend)
-        for process in beats.values():
-            process.send_signal(signal.SIGTERM)
-        for process in beats.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        topology.stop_processes(beats.values())
         time.sleep(0.5)
         collector.stopping.set()
         collector.join(5)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -71,14 +70,7 @@ def run(backend: str, faults: list[str], *, seed: int, baseline: float = 6.0,
             time.sleep(recovery)
     finally:
         nemesis.heal_all(backend)
-        for process in clients.values():
-            process.send_signal(signal.SIGTERM)
-        for process in clients.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        topology.stop_processes(clients.values())
     ended = time.monotonic()
     result = checker.check(checker.load(folder), done, started, ended)
     result.update(backend=backend, seed=seed, run_id=run_id, seconds=round(ended - started, 1),

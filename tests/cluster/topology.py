@@ -8,7 +8,9 @@ from any other network.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +57,16 @@ def pid_of(node: str) -> int | None:
         return int((STATE / f"{node}.pid").read_text())
     except (OSError, ValueError):
         return None
+
+
+def stop_processes(processes: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM every process, then wait for each (SIGKILL past 20 s)."""
+    processes = list(processes)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
