@@ -121,6 +121,9 @@ ZOOKEEPER_HOSTS = os.environ.get("TEST_ZOOKEEPER_HOSTS", "127.0.0.1:2181")
 ETCD_HOST = os.environ.get("TEST_ETCD_HOST", "127.0.0.1")
 ETCD_PORT = int(os.environ.get("TEST_ETCD_PORT", "2379"))
 REDIS_LOCK_URL = os.environ.get("TEST_REDIS_LOCK_URL", "redis://127.0.0.1:6379/12")
+# Keys of the shared lock servers (Redis prefix, ZooKeeper root, etcd prefix):
+# runs that share a server at the same time each take their own namespace.
+LOCK_NAMESPACE = os.environ.get("TEST_LOCK_NAMESPACE", "celery-adv-test")
 # No mongod can be installed on these machines: without MONGODB_URL the
 # MongoDB code paths run on mongomock (tests/mongo.py patches the client).
 MONGODB_URL = os.environ.get("MONGODB_URL", "")
@@ -128,13 +131,13 @@ MONGODB_URL = os.environ.get("MONGODB_URL", "")
 CELERY_ADV["LOCK_BACKENDS"] = {
     "default": {"BACKEND": "django_celery_adv.locks.backends.database.DatabaseBackend"},
     "redis": {"BACKEND": "django_celery_adv.locks.backends.redis.RedisBackend",
-              "OPTIONS": {"url": REDIS_LOCK_URL, "prefix": "celery-adv-test:lock:"}},
+              "OPTIONS": {"url": REDIS_LOCK_URL, "prefix": f"{LOCK_NAMESPACE}:lock:"}},
     "zookeeper": {"BACKEND": "django_celery_adv.locks.backends.zookeeper.ZooKeeperBackend",
-                  "OPTIONS": {"hosts": ZOOKEEPER_HOSTS, "root": "/celery-adv-test/locks",
+                  "OPTIONS": {"hosts": ZOOKEEPER_HOSTS, "root": f"/{LOCK_NAMESPACE}/locks",
                               "timeout": 4.0}},
     "etcd": {"BACKEND": "django_celery_adv.locks.backends.etcd.EtcdBackend",
              "OPTIONS": {"host": ETCD_HOST, "port": ETCD_PORT,
-                         "prefix": "/celery-adv-test/locks/"}},
+                         "prefix": f"/{LOCK_NAMESPACE}/locks/"}},
     "mongodb": {"BACKEND": "django_celery_adv.locks.backends.mongodb.MongoDBBackend",
                 "OPTIONS": {"url": MONGODB_URL or "mongodb://127.0.0.1:27017",
                             "database": "celery_adv_test", "collection": "locks"}},
