@@ -135,6 +135,24 @@ def test_admin_shows_who_leads_each_app(client):
 
 
 @pytest.mark.django_db
+def test_monitoring_workers_page_shows_who_leads_each_app(client, monkeypatch):
+    from django_celery_adv.admin import monitoring as monitoring_admin
+    from django_celery_adv.monitoring import AppStatus
+
+    # The workers themselves are test_monitoring_admin's: no broker round trips here.
+    monkeypatch.setattr(monitoring_admin, "inspect_all", lambda aliases=None: {
+        alias: AppStatus(alias=alias, broker="memory://", reachable=True, error=None,
+                         workers=[]) for alias in settings.CELERY_ADV["APPS"]})
+    node("default", "leader", 1.0, token=42)
+    node("default", "standby", 0.5, pid=101)
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    page = client.get("/admin/django_celery_adv/monitoring/").content.decode()
+    beat = page.partition('id="beat"')[2].partition("</table>")[0]
+    assert "host-a (pid 100)" in beat and "<td>42</td>" in beat
+    assert "host-a (pid 101)" in beat and "no beat leader" in beat  # global, twin
+
+
+@pytest.mark.django_db
 @pytest.mark.workers
 def test_admin_run_now_sends_through_the_tasks_own_app(client):
     redis_side = Collector(settings.REDIS_URL).start()

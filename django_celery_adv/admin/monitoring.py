@@ -30,6 +30,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -37,6 +38,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from ..beat.health import app_health
 from ..exceptions import CeleryAdvError
 from ..locks import force_release
 from ..locks.operations import HolderReader, describe_backend, masked_error
@@ -143,7 +145,14 @@ class MonitoringAdmin(admin.ModelAdmin):
         """The workers page: one table per app."""
         self._require_view(request)
         statuses = list(inspect_all().values())
+        try:  # beat health of the same apps (the beat processes page has the details)
+            beat_summary = list(app_health([s.alias for s in statuses]).values())
+        except DatabaseError as e:
+            beat_summary, beat_error = [], str(e)
+        else:
+            beat_error = None
         context = self._context(request, "Celery workers", statuses=statuses,
+                                beat_summary=beat_summary, beat_error=beat_error,
                                 **(extra_context or {}))
         return TemplateResponse(request, self.workers_template, context)
 
