@@ -22,6 +22,9 @@ E015    ``INSPECT_TIMEOUT``, ``RECORD_FAILURES`` or
         ``FAILURE_RETENTION_DAYS`` has a bad value
 E016    the kombu transport of an app's broker cannot be imported (a
         module it needs is missing: the worker would die at start-up)
+E017    ``MONITORING`` is not a dict or has an unknown key
+E018    a ``MONITORING`` value is out of range (negative, a page size
+        outside 10-1000, a window longer than ``FORGET_AFTER``)
 W001    an app sets a key that is not a Celery setting (a typo?); its
         ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
@@ -98,6 +101,7 @@ def check_celery_adv_settings(app_configs: Any = None, **kwargs: Any) -> list[Ch
     messages += check_lock_defaults(config["LOCK_DEFAULTS"])
     messages += check_logging(config["LOGGING"])
     messages += check_scalars(config)
+    messages += check_monitoring(raw.get("MONITORING", {}))
     return messages
 
 
@@ -386,6 +390,38 @@ def check_scalars(config: Mapping[str, Any]) -> list[CheckMessage]:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_monitoring(value: Any) -> list[CheckMessage]:
+    """E017/E018 for ``MONITORING`` as the project wrote it."""
+    defaults = conf.DEFAULTS["MONITORING"]
+    where = "CELERY_ADV['MONITORING']"
+    if not isinstance(value, dict):
+        return [_error("E017", f"{where} must be a dict, not {type(value).__name__}.")]
+    messages = [_error("E017", f"{where} has an unknown key {key!r}.",
+                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+                for key in sorted(set(value) - set(defaults))]
+    merged = {**defaults, **{k: v for k, v in value.items() if k in defaults}}
+    for key in sorted(set(value) & set(defaults)):
+        if not (_number(value[key]) and value[key] >= 0):
+            messages.append(_error("E018", f"{where}['{key}'] is {value[key]!r}; expected a "
+                                           "number >= 0."))
+    if any(m.id.endswith("E018") for m in messages):
+        return messages
+    size = merged["PAGE_SIZE"]
+    if not (isinstance(size, int) and 10 <= size <= 1000):
+        messages.append(_error("E018", f"{where}['PAGE_SIZE'] is {size!r}; expected an int "
+                                       "from 10 to 1000."))
+    if merged["NEWCOMER_GRACE"] > 1:
+        messages.append(_error("E018", f"{where}['NEWCOMER_GRACE'] is "
+                                       f"{merged['NEWCOMER_GRACE']!r}; expected at most 1 s "
+                                       "(every reading of a healthy fleet waits it)."))
+    for key in ("SILENT_WINDOW", "OFFLINE_AFTER"):
+        if merged[key] > merged["FORGET_AFTER"]:
+            messages.append(_error("E018", f"{where}['{key}'] ({merged[key]!r}) is longer "
+                                           f"than FORGET_AFTER ({merged['FORGET_AFTER']!r}): "
+                                           "the worker would be forgotten first."))
+    return messages
 
 
 # -- BEAT (django_celery_adv.beat) -------------------------------------------------

@@ -36,6 +36,22 @@ DEFAULTS: dict[str, Any] = {
     "RECORD_FAILURES": True,
     "FAILURE_RETENTION_DAYS": 90,
     "INSPECT_TIMEOUT": 1.0,
+    # Fleet readings (django_celery_adv.monitoring): sharing, grace, how long
+    # a silent worker is kept, tolerated and listed.
+    "MONITORING": {
+        # A reading younger than this is reused by pages, commands, metrics (0: never).
+        "READING_MAX_AGE": 3.0,
+        # Extra listening for unknown workers once every known one has answered.
+        "NEWCOMER_GRACE": 0.05,
+        # The health exit code tolerates a worker silent now but seen this recently.
+        "SILENT_WINDOW": 60.0,
+        # A silent worker is "no reply" this long after it was last seen, then "offline".
+        "OFFLINE_AFTER": 60.0,
+        # A worker silent this long is dropped from the seen-workers record.
+        "FORGET_AFTER": 900.0,
+        # Rows per page on the admin workers page.
+        "PAGE_SIZE": 100,
+    },
     # Beat leadership (django_celery_adv.beat); "APPS" maps an app alias to
     # overrides of the other keys for that app's beats.
     "BEAT": {
@@ -45,11 +61,19 @@ DEFAULTS: dict[str, Any] = {
         "ON_BUSY": "skip",
         "APPS": {},
     },
+    # The /metrics view (django_celery_adv.metrics): TOKEN lets a Prometheus server
+    # in with "Authorization: Bearer <TOKEN>" (None: only users with the
+    # view_monitoring permission); QUEUE_TIMEOUT bounds the broker read of queue
+    # lengths per app, in seconds.
+    "METRICS": {
+        "TOKEN": None,
+        "QUEUE_TIMEOUT": 1.0,
+    },
 }
 
 # Keys whose value is a dict merged key by key over the default, so a project
 # can override one lock default without restating the others.
-_MERGED_DICTS = ("LOCK_DEFAULTS",)
+_MERGED_DICTS = ("LOCK_DEFAULTS", "MONITORING")
 
 
 def user_settings() -> Any:
@@ -97,6 +121,18 @@ def lock_backend_settings() -> dict[str, dict[str, Any]]:
     """``LOCK_BACKENDS``: alias -> {"BACKEND": dotted path, "OPTIONS": {...}}."""
     value = get("LOCK_BACKENDS")
     return value if isinstance(value, dict) else {}
+
+
+def monitoring(key: str) -> Any:
+    """One ``MONITORING`` value; the default when the project's value is malformed
+    (the checks report it, E017/E018)."""
+    value = get("MONITORING")
+    default = DEFAULTS["MONITORING"][key]
+    if not isinstance(value, dict):
+        return default
+    found = value.get(key, default)
+    number = isinstance(found, int | float) and not isinstance(found, bool)
+    return found if number and found >= 0 else default
 
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
