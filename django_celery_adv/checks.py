@@ -25,6 +25,9 @@ E016    the kombu transport of an app's broker cannot be imported (a
 E017    ``MONITORING`` is not a dict or has an unknown key
 E018    a ``MONITORING`` value is out of range (negative, a page size
         outside 10-1000, a window longer than ``FORGET_AFTER``)
+E019    ``METRICS`` is not a dict, has an unknown key, a ``TOKEN`` that
+        is not None or a string of at least 16 characters, or a
+        ``QUEUE_TIMEOUT`` that is not a number of seconds > 0
 W001    an app sets a key that is not a Celery setting (a typo?); its
         ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
@@ -102,6 +105,7 @@ def check_celery_adv_settings(app_configs: Any = None, **kwargs: Any) -> list[Ch
     messages += check_logging(config["LOGGING"])
     messages += check_scalars(config)
     messages += check_monitoring(raw.get("MONITORING", {}))
+    messages += check_metrics(raw.get("METRICS", {}))
     return messages
 
 
@@ -421,6 +425,34 @@ def check_monitoring(value: Any) -> list[CheckMessage]:
             messages.append(_error("E018", f"{where}['{key}'] ({merged[key]!r}) is longer "
                                            f"than FORGET_AFTER ({merged['FORGET_AFTER']!r}): "
                                            "the worker would be forgotten first."))
+    return messages
+
+
+#: A bearer token shorter than this is refused (E019): it could be guessed.
+METRICS_TOKEN_MIN_LENGTH = 16
+
+
+def check_metrics(value: Any) -> list[CheckMessage]:
+    """E019 for ``METRICS`` as the project wrote it (never echoes the token)."""
+    defaults = conf.DEFAULTS["METRICS"]
+    where = "CELERY_ADV['METRICS']"
+    if not isinstance(value, dict):
+        return [_error("E019", f"{where} must be a dict, not {type(value).__name__}.")]
+    messages = [_error("E019", f"{where} has an unknown key {key!r}.",
+                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+                for key in sorted(set(value) - set(defaults))]
+    token = value.get("TOKEN")
+    if token is not None and not (isinstance(token, str)
+                                  and len(token.strip()) >= METRICS_TOKEN_MIN_LENGTH):
+        messages.append(_error(
+            "E019", f"{where}['TOKEN'] must be None or a string of at least "
+                    f"{METRICS_TOKEN_MIN_LENGTH} characters.",
+            hint="e.g. os.environ['CELERY_ADV_METRICS_TOKEN'], made with "
+                 "python -c 'import secrets; print(secrets.token_urlsafe(32))'."))
+    timeout = value.get("QUEUE_TIMEOUT", defaults["QUEUE_TIMEOUT"])
+    if not (_number(timeout) and timeout > 0):
+        messages.append(_error("E019", f"{where}['QUEUE_TIMEOUT'] is {timeout!r}; expected "
+                                       "a number of seconds > 0."))
     return messages
 
 

@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys whose value is a dict merged key by key over the default, so a project
 # can override one lock default without restating the others.
-_MERGED_DICTS = ("LOCK_DEFAULTS", "MONITORING")
+_MERGED_DICTS = ("LOCK_DEFAULTS", "MONITORING", "METRICS")
 
 
 def user_settings() -> Any:
@@ -133,6 +133,13 @@ def monitoring(key: str) -> Any:
     found = value.get(key, default)
     number = isinstance(found, int | float) and not isinstance(found, bool)
     return found if number and found >= 0 else default
+
+
+def metrics(key: str) -> Any:
+    """One ``METRICS`` value as written (the checks report a bad one, E019), or its default."""
+    value = get("METRICS")
+    return value.get(key, DEFAULTS["METRICS"][key]) if isinstance(value, dict) \
+        else DEFAULTS["METRICS"][key]
 
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
