@@ -311,3 +311,120 @@ class PeriodicTaskApp(models.Model):
 
     def __str__(self) -> str:
         return f"{self.periodic_task} -> {self.app_alias}"
+
+
+class TaskRecord(models.Model):
+    """One task as the event recorder last knew it (``manage.py celery_events``).
+
+    Written only by :mod:`django_celery_adv.events` in batches (one upsert per
+    second at most); keyed by ``(app_alias, task_id)``. ``state`` is Celery's
+    state name (``celery.states``); the ``*_at`` times are the workers' event
+    times. ``args``, ``kwargs``, ``result``, ``exception`` and ``traceback``
+    are masked (:mod:`django_celery_adv.masking`) and shortened;
+    ``retryable`` says the stored ``args``/``kwargs`` are the task's exact
+    arguments (Python literals, nothing masked or cut), so "retry" may resend
+    them. ``runtime`` is the worker's own figure (succeeded) or failed - started;
+    ``queue_wait`` is started - received. Rows are pruned by age and count per
+    app (``CELERY_ADV["EVENTS"]``, ``manage.py prune_tasks``).
+
+    For readers in other processes (``/metrics``): rows are the current state of
+    each recorded task; cumulative per-name counters that survive pruning live in
+    :class:`TaskRecorderStats`.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "PENDING", "pending"
+        RECEIVED = "RECEIVED", "received"
+        STARTED = "STARTED", "started"
+        SUCCESS = "SUCCESS", "succeeded"
+        FAILURE = "FAILURE", "failed"
+        RETRY = "RETRY", "retried"
+        REVOKED = "REVOKED", "revoked"
+        REJECTED = "REJECTED", "rejected"
+
+    app_alias = models.CharField("app", max_length=100)
+    task_id = models.CharField("task id", max_length=255)
+    name = models.CharField(max_length=255, blank=True, db_index=True)
+    state = models.CharField(max_length=20, choices=State.choices, db_index=True)
+    worker = models.CharField(max_length=255, blank=True, db_index=True)
+    args = models.TextField(blank=True)
+    kwargs = models.TextField(blank=True)
+    retryable = models.BooleanField(default=False)
+    result = models.TextField(blank=True)
+    exception = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    received_at = models.DateTimeField("received", null=True, blank=True, db_index=True)
+    started_at = models.DateTimeField("started", null=True, blank=True)
+    succeeded_at = models.DateTimeField("succeeded", null=True, blank=True)
+    failed_at = models.DateTimeField("failed", null=True, blank=True)
+    runtime = models.FloatField("runtime (s)", null=True, blank=True)
+    queue_wait = models.FloatField("queue wait (s)", null=True, blank=True)
+    retries = models.PositiveIntegerField(default=0)
+    parent_id = models.CharField("parent id", max_length=255, blank=True, db_index=True)
+    root_id = models.CharField("root id", max_length=255, blank=True, db_index=True)
+    #: Timestamp of the event that set ``state`` (merge order), seconds since the epoch.
+    state_timestamp = models.FloatField(default=0)
+    updated_at = models.DateTimeField("updated", db_index=True)
+
+    class Meta:
+        verbose_name = "task"
+        ordering = ["-id"]
+        default_permissions = ("view", "delete")
+        permissions = [
+            ("retry_taskrecord", "Can retry a task with the same arguments"),
+            ("revoke_taskrecord", "Can revoke a task"),
+            ("terminate_taskrecord", "Can terminate a running task"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["app_alias", "task_id"], name="dca_task_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["app_alias", "id"], name="dca_task_app_id"),
+            models.Index(fields=["app_alias", "updated_at"], name="dca_task_app_updated"),
+            models.Index(fields=["state", "id"], name="dca_task_state_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name or '?'}[{self.task_id}]"
+
+
+class TaskRecorderStats(models.Model):
+    """The event recorder's counters for one app: one row per app alias.
+
+    Written by the recorder at each batch (``manage.py celery_events``), read by
+    any process (``/metrics``, the workers page) with one query. Counters are
+    cumulative since the row was created (they survive recorder restarts):
+
+    * ``events_seen``: events received from the broker;
+    * ``events_written``: events whose change reached the database;
+    * ``events_dropped``: events lost because the database fell behind (the
+      pending batch was full) or a write failed for good;
+    * ``last_event_at``: time of the newest event received, ``last_write_at``
+      of the newest batch committed;
+    * ``workers``: hostname -> ``{"processed", "succeeded", "failed",
+      "retried", "active", "loadavg", "heartbeat_at", "sw_ident", "sw_ver",
+      "freq"}`` (counts from task events; the rest from the newest heartbeat;
+      read it with :func:`django_celery_adv.events.worker_counters`);
+    * ``task_counts``: task name -> ``{state: count}``, one count per task
+      event (``RECEIVED``, ``STARTED``, ``SUCCESS``, ``FAILURE``, ``RETRY``,
+      ``REVOKED``, ``REJECTED``); names beyond the first
+      ``events.store.MAX_TASK_NAMES`` are counted under ``"(other)"``.
+    """
+
+    app_alias = models.CharField("app", max_length=100, unique=True)
+    events_seen = models.PositiveBigIntegerField(default=0)
+    events_written = models.PositiveBigIntegerField(default=0)
+    events_dropped = models.PositiveBigIntegerField(default=0)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    last_write_at = models.DateTimeField(null=True, blank=True)
+    workers = models.JSONField(default=dict, blank=True)
+    task_counts = models.JSONField(default=dict, blank=True)
+    recorder = models.CharField(max_length=255, blank=True,
+                                help_text="hostname and pid of the recorder that wrote last")
+
+    class Meta:
+        verbose_name = "task recorder counters"
+        verbose_name_plural = "task recorder counters"
+
+    def __str__(self) -> str:
+        return f"recorder {self.app_alias}: {self.events_seen} events"
