@@ -1,0 +1,328 @@
+"""The Prometheus collector: what the database, the last readings and the brokers hold now.
+
+:class:`CeleryAdvCollector` is a ``prometheus_client`` custom collector. It is
+registered only in a :class:`~prometheus_client.CollectorRegistry` made for one
+scrape (:func:`render`), never in the library's global default registry, so a
+project's own metrics and ours never mix and importing this module has no
+side effect.
+
+Guarantees:
+
+* **No broadcast.** A scrape sends no ``inspect``/control command to any
+  worker (celery-exporter sends two per scrape). Workers and active tasks come
+  from the last reading the fleet monitor stored (``monitoring.last_reading``,
+  else the last-seen record), task counts from the task records the event
+  recorder stored, beat from the beats' own rows. The only network reads are
+  one cheap queue-length read per app on its broker, bounded by
+  ``CELERY_ADV["METRICS"]["QUEUE_TIMEOUT"]``, and the lock holders of each
+  lock definition on its lock server.
+* **Never a 500 for a dead server.** Each source is read on its own; one that
+  fails (a broker or lock server down, a table not migrated) leaves its series
+  out and adds ``celery_adv_scrape_error{app, source, error} 1`` instead, with
+  the exception's class name only (a message could carry a secret). A lock
+  backend that failed once is not asked again in the same scrape.
+* **Every series has an ``app`` label.** Locks are shared by all apps: their
+  series, and errors not tied to one app, carry ``app="*"``.
+
+Counter semantics (``celery_adv_tasks_total`` and the two histograms): they
+are counted over the task records stored now, and only over finished tasks
+(``SUCCESS``, ``FAILURE``, ``REVOKED``), so they grow as the recorder adds
+records and never fall when a task changes state. Pruning (retention by age
+or count) deletes records, which lowers them: Prometheus reads a fall as a
+counter reset, so ``rate()``/``increase()`` over a window that contains a
+prune over-count once. We accept that rather than keep a second, durable tally
+(which would need a table of its own): prune rarely (daily) and read alerts
+from ratios or from the gauges below. Unfinished tasks (``PENDING``,
+``RECEIVED``, ``STARTED``, ``RETRY``) move between states, so they are a gauge,
+``celery_adv_tasks_unfinished``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import states
+from django.utils import timezone
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .. import conf
+from ..registry import apps
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "celery_adv_"
+#: The ``app`` label of series that belong to no one app (locks, the scrape itself).
+ALL_APPS = "*"
+FINISHED_STATES = tuple(sorted(states.READY_STATES))
+#: Bucket bounds (seconds) of the runtime and queue-wait histograms.
+BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+#: name (without the prefix, and without ``_total`` for counters) -> (type, help, labels).
+#: Every metric family the collector can export; the docs' dashboard and alert
+#: rules are tested against this list.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "tasks": ("counter", "Finished tasks among the stored task records, by final state.",
+              ("app", "name", "state")),
+    "tasks_unfinished": ("gauge", "Stored task records not finished yet, by state.",
+                         ("app", "name", "state")),
+    "task_runtime_seconds": ("histogram", "Runtime of the finished tasks stored.",
+                             ("app", "name")),
+    "task_queue_wait_seconds": ("histogram", "Time from received to started of the "
+                                "finished tasks stored.", ("app", "name")),
+    "queue_length": ("gauge", "Messages ready in a queue, read from the broker.",
+                     ("app", "queue")),
+    "workers_up": ("gauge", "Workers seen within MONITORING['SILENT_WINDOW'] in the last "
+                   "reading.", ("app",)),
+    "worker_up": ("gauge", "1 if the worker was seen within MONITORING['SILENT_WINDOW'].",
+                  ("app", "worker")),
+    "tasks_active": ("gauge", "Tasks executing now on the app's workers, per the last "
+                     "reading.", ("app",)),
+    "worker_tasks_active": ("gauge", "Tasks executing now on one worker, per the last "
+                            "reading.", ("app", "worker")),
+    "reading_age_seconds": ("gauge", "Age of the last workers reading used.", ("app",)),
+    "lock_holders": ("gauge", "Live leases of a lock.", ("app", "lock", "backend")),
+    "lock_capacity": ("gauge", "How many may hold a lock at once (0: paused).",
+                      ("app", "lock", "backend")),
+    "task_failure_groups_open": ("gauge", "Task-failure groups not resolved.", ("app",)),
+    "events": ("counter", "Task and worker events the recorder received.", ("app",)),
+    "events_dropped": ("counter", "Events the recorder dropped (database behind).", ("app",)),
+    "beat_leader": ("gauge", "1 if a beat leader row exists for the app.", ("app",)),
+    "beat_last_tick_age_seconds": ("gauge", "Seconds since the beat leader's last tick.",
+                                   ("app",)),
+    "scrape_error": ("gauge", "1 per source that could not be read in this scrape.",
+                     ("app", "source", "error")),
+    "scrape_duration_seconds": ("gauge", "Time this scrape spent per source.",
+                                ("app", "source")),
+}
+
+
+def metric_names() -> set[str]:
+    """Every sample name a scrape may contain (``_total``, ``_bucket``... included)."""
+    names: set[str] = set()
+    for short, (kind, _, _) in METRICS.items():
+        base = PREFIX + short
+        if kind == "counter":
+            names.update({base + "_total", base + "_created"})
+        elif kind == "histogram":
+            names.update({base + "_bucket", base + "_sum", base + "_count", base + "_created"})
+        else:
+            names.add(base)
+    return names
+
+
+@dataclass
+class Scrape:
+    """The families of one scrape, built up by the sources."""
+
+    families: dict[str, Metric] = field(default_factory=dict)
+
+    def family(self, short: str) -> Any:
+        if short not in self.families:
+            kind, documentation, labels = METRICS[short]
+            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+                   "histogram": HistogramMetricFamily}[kind]
+            self.families[short] = cls(PREFIX + short, documentation, labels=list(labels))
+        return self.families[short]
+
+    def add(self, short: str, labels: Iterable[str], value: float) -> None:
+        self.family(short).add_metric(list(labels), value)
+
+    def error(self, app: str, source: str, error: BaseException) -> None:
+        self.add("scrape_error", (app, source, type(error).__name__), 1)
+
+
+# -- sources: each reads one kind of stored fact; a failure is its error series --
+
+def _field(model: Any, *candidates: str) -> str | None:
+    names = {f.name for f in model._meta.get_fields()}
+    return next((name for name in candidates if name in names), None)
+
+
+def read_tasks(scrape: Scrape, aliases: list[str]) -> None:
+    """Task counts and histograms from the event recorder's ``TaskRecord`` rows."""
+    from django.db.models import Count, Q, Sum
+
+    from .. import models
+
+    model = getattr(models, "TaskRecord", None)
+    if model is None:  # the event recorder is not installed in this version
+        return
+    app = _field(model, "app_alias", "app")
+    name = _field(model, "name", "task_name")
+    state = _field(model, "state")
+    if not (app and name and state):
+        return
+    rows = model.objects.filter(**{f"{app}__in": aliases})
+    for row in rows.values(app, name, state).annotate(n=Count("pk")).order_by():
+        finished = row[state] in states.READY_STATES
+        scrape.add("tasks" if finished else "tasks_unfinished",
+                   (row[app], row[name], row[state]), row["n"])
+    finished_rows = rows.filter(**{f"{state}__in": FINISHED_STATES})
+    for short, candidates in (("task_runtime_seconds", ("runtime",)),
+                              ("task_queue_wait_seconds", ("queue_wait", "wait"))):
+        column = _field(model, *candidates)
+        if column is None:
+            continue
+        measured = finished_rows.filter(**{f"{column}__isnull": False})
+        buckets = {f"le{i}": Count("pk", filter=Q(**{f"{column}__lte": bound}))
+                   for i, bound in enumerate(BUCKETS)}
+        for row in measured.values(app, name).annotate(
+                total=Count("pk"), seconds=Sum(column), **buckets).order_by():
+            cumulative = [(_le(bound), row[f"le{i}"]) for i, bound in enumerate(BUCKETS)]
+            scrape.family(short).add_metric(
+                [row[app], row[name]], [*cumulative, ("+Inf", row["total"])],
+                float(row["seconds"] or 0.0))
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def read_workers(scrape: Scrape, aliases: list[str]) -> None:
+    """Workers up and active tasks from the last stored reading (never asks a worker)."""
+    from .. import monitoring
+
+    window = float(conf.monitoring("SILENT_WINDOW"))
+    last_reading: Callable[[str], Any] | None = getattr(monitoring, "last_reading", None)
+    now = time.time()
+    for alias in aliases:
+        try:
+            if last_reading is not None:
+                workers = _workers_of(last_reading(alias), scrape, alias, now)
+            else:  # before the fleet record: the last-seen cache, names and times only
+                workers = [(name, seen, None) for name, seen in
+                           monitoring.load_seen(alias).items()]
+        except Exception as e:  # a table not migrated, a cache down: this app's error
+            scrape.error(alias, "workers", e)
+            continue
+        up = running = 0
+        known_running = False
+        for name, seen, active in workers:
+            alive = seen is not None and now - seen <= window
+            up += alive
+            scrape.add("worker_up", (alias, name), int(alive))
+            if active is not None:
+                known_running = True
+                running += active if alive else 0
+                scrape.add("worker_tasks_active", (alias, name), active if alive else 0)
+        scrape.add("workers_up", (alias,), up)
+        if known_running or not workers:
+            scrape.add("tasks_active", (alias,), running)
+
+
+def _workers_of(reading: Any, scrape: Scrape, alias: str,
+                now: float) -> list[tuple[str, float | None, int | None]]:
+    """(name, last seen epoch, running) per worker of a stored ``AppStatus``-like reading."""
+    if reading is None:
+        return []
+    read_at = getattr(reading, "read_at", None)
+    if read_at is not None:
+        scrape.add("reading_age_seconds", (alias,), max(0.0, now - read_at.timestamp()))
+    result = []
+    for worker in getattr(reading, "workers", None) or ():
+        seen = getattr(worker, "last_seen", None)
+        result.append((worker.name, seen.timestamp() if seen else None,
+                       getattr(worker, "running", None)))
+    return result
+
+
+def read_locks(scrape: Scrape, aliases: list[str]) -> None:
+    """Holders and capacity of every lock definition (shared by all apps: ``app="*"``)."""
+    from ..locks.operations import HolderReader
+    from ..models import LockDefinition
+
+    reader = HolderReader()
+    failed: set[str] = set()
+    for name, backend, capacity in LockDefinition.objects.values_list(
+            "name", "backend", "capacity"):
+        scrape.add("lock_capacity", (ALL_APPS, name, backend), capacity)
+        reading = reader.read(name, backend)
+        if reading.error is None:
+            scrape.add("lock_holders", (ALL_APPS, name, backend), len(reading.leases))
+        elif backend not in failed:
+            failed.add(backend)
+            scrape.add("scrape_error", (ALL_APPS, f"locks:{backend}", "LockError"), 1)
+
+
+def read_failures(scrape: Scrape, aliases: list[str]) -> None:
+    """Open (unresolved) task-failure groups per app."""
+    from django.db.models import Count
+
+    from ..models import TaskFailure
+
+    counts = dict.fromkeys(aliases, 0)
+    for row in TaskFailure.objects.filter(resolved=False).values("app_alias").annotate(
+            n=Count("pk")).order_by():
+        counts[row["app_alias"] or "unknown"] = row["n"]
+    for alias, count in counts.items():
+        scrape.add("task_failure_groups_open", (alias,), count)
+
+
+def read_beat(scrape: Scrape, aliases: list[str]) -> None:
+    """Whether each app has a beat leader row, and the age of its last tick."""
+    from ..beat.health import app_health
+
+    now = timezone.now()
+    for alias, health in app_health(aliases).items():
+        scrape.add("beat_leader", (alias,), int(health.leader is not None))
+        if health.leader is not None:
+            scrape.add("beat_last_tick_age_seconds", (alias,),
+                       max(0.0, (now - health.leader.last_tick).total_seconds()))
+
+
+#: source name -> reader; each runs once per scrape, in this order.
+SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
+    "tasks": read_tasks,
+    "workers": read_workers,
+    "locks": read_locks,
+    "failures": read_failures,
+    "beat": read_beat,
+}
+
+
+class CeleryAdvCollector(Collector):
+    """Reads every source once per :meth:`collect` call (one scrape)."""
+
+    def __init__(self, aliases: Iterable[str] | None = None,
+                 sources: dict[str, Callable[[Scrape, list[str]], None]] | None = None) -> None:
+        self.aliases = list(aliases) if aliases is not None else None
+        self.sources = SOURCES if sources is None else sources
+
+    def describe(self) -> list[Metric]:
+        # Nothing to announce: registering must not run a scrape.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        aliases = self.aliases if self.aliases is not None else list(apps)
+        scrape = Scrape()
+        for source, read in self.sources.items():
+            started = time.perf_counter()
+            try:
+                read(scrape, aliases)
+            except Exception as e:  # one source down never takes the others with it
+                logger.warning("metrics: source %s failed: %s", source, type(e).__name__)
+                scrape.error(ALL_APPS, source, e)
+            scrape.add("scrape_duration_seconds", (ALL_APPS, source),
+                       time.perf_counter() - started)
+        scrape.family("scrape_error")  # present (empty) when nothing failed
+        yield from scrape.families.values()
+
+
+def render(aliases: Iterable[str] | None = None) -> tuple[bytes, str]:
+    """One scrape in Prometheus's text format: ``(body, content type)``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CeleryAdvCollector(aliases))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
