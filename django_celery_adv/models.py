@@ -140,6 +140,13 @@ class LockDefinition(models.Model):
         blank=True, null=True, default=LockDefault("MAX_RETRIES"),
         help_text="Lock retries before LockUnavailable; empty = forever.")
     on_busy = models.CharField(max_length=10, choices=OnBusy.choices, default=OnBusy.RETRY)
+    beat_on_busy = models.CharField(
+        "at beat, when busy", max_length=10, blank=True, default="",
+        choices=[("", "as the app's beat setting (BEAT ON_BUSY)"),
+                 ("skip", "skip the run"), ("send", "send it anyway")],
+        help_text="A periodic task using this lock is due while the lock is full: skip that "
+                  "run (logged with the holders) or send it anyway (then on_busy decides in "
+                  "the worker). Empty: CELERY_ADV['BEAT']['ON_BUSY'] of the app, default skip.")
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

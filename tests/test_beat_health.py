@@ -291,3 +291,73 @@ def test_max_interval_is_capped_below_a_third_of_the_ttl():
         scheduler = LockedScheduler(app=apps["default"], lazy=True, max_interval=300)
     assert scheduler.max_interval == 2.5 < 10 / 3
     assert "lease 'beat.default' on lock backend 'default', TTL 10 s" in scheduler.info
+
+
+# -- beat_on_busy: a lock definition's choice at beat, over the app's ON_BUSY -------------
+
+@pytest.mark.parametrize(("row", "app", "sent"), [
+    ("skip", "send", False),  # the definition's choice wins over the app's
+    ("send", "skip", True),
+    ("", "skip", False),      # empty: the app's setting
+    ("", "send", True),
+])
+def test_beat_on_busy_of_the_lock_definition_decides_a_busy_run(leading_scheduler, caplog,
+                                                                 row, app, sent):
+    import logging
+    import os
+
+    import tests.testapp.beat_tasks  # noqa: F401 (registers beat_tests.locked_job)
+    from django_celery_adv.locks import lock
+    from django_celery_adv.locks.backends.base import HOSTNAME
+    from django_celery_adv.models import LockDefinition
+    from tests.faults.servers import wait_until
+
+    scheduler, collector = leading_scheduler
+    PeriodicTask.objects.filter(name="tick").update(task="beat_tests.locked_job")
+    scheduler._forget_schedule()
+    LockDefinition.objects.create(name="beat-test-locked-job", beat_on_busy=row)
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV, "BEAT": {"ON_BUSY": app}}):
+        scheduler.settings = beat_settings("default")
+
+    with caplog.at_level(logging.INFO, logger="django_celery_adv.beat"), \
+            lock("beat-test-locked-job"):  # the long-running instance
+        run_due(scheduler)
+    run_due(scheduler)  # free again: always sent
+    # One queue keeps order: once the second run's message is in, the first's would be.
+    wait_until(lambda: len(collector.sent) >= 1 + sent, 10, "the sends")
+    assert len(collector.sent) == 1 + sent
+    assert PeriodicTask.objects.get(name="tick").total_run_count == 2  # a skip counts as done
+    skipped = [r for r in caplog.records if "skipped tick" in r.getMessage()]
+    if sent:
+        assert skipped == []
+    else:
+        [record] = skipped
+        assert record.levelname == "INFO"
+        assert f"held by host {HOSTNAME} (pid {os.getpid()})" in record.getMessage()
+
+
+BEAT_ON_BUSY_FORM = {"backend": "default", "capacity": "1", "description": "", "ttl": "30",
+                     "wait": "0", "on_busy": "retry", "retry_countdown": "5",
+                     "retry_jitter": "1", "max_retries": ""}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("value", "saved"), [("send", "send"), ("skip", "skip"), ("", ""),
+                                             ("retry", None), ("SEND", None)])
+def test_beat_on_busy_is_edited_and_validated_in_the_lock_admin(client, value, saved):
+    from django_celery_adv.locks.definitions import policies
+    from django_celery_adv.models import LockDefinition
+
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    url = "/admin/django_celery_adv/lockdefinition/add/"
+    assert 'name="beat_on_busy"' in client.get(url).content.decode()
+    response = client.post(url, {**BEAT_ON_BUSY_FORM, "name": "edited",
+                                 "beat_on_busy": value})
+    if saved is None:
+        assert response.status_code == 200
+        assert "beat_on_busy" in response.context["adminform"].form.errors
+        assert not LockDefinition.objects.filter(name="edited").exists()
+    else:
+        assert response.status_code == 302
+        assert LockDefinition.objects.get(name="edited").beat_on_busy == saved
+        assert policies.get("edited", 1).beat_on_busy == saved

@@ -54,7 +54,8 @@ class LockDefinitionForm(forms.ModelForm):
     class Meta:
         model = LockDefinition
         fields = ["name", "backend", "capacity", "description", "ttl", "wait", "on_busy",
-                  "retry_countdown", "retry_jitter", "retry_backoff", "max_retries"]
+                  "beat_on_busy", "retry_countdown", "retry_jitter", "retry_backoff",
+                  "max_retries"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,8 +117,9 @@ class LockDefinitionAdmin(admin.ModelAdmin):
     actions = ["force_release"]
     fieldsets = [
         (None, {"fields": ["name", "backend", "capacity", "description"]}),
-        ("Lease and retries", {"fields": ["ttl", "wait", "on_busy", "retry_countdown",
-                                          "retry_jitter", "retry_backoff", "max_retries"]}),
+        ("Lease and retries", {"fields": ["ttl", "wait", "on_busy", "beat_on_busy",
+                                          "retry_countdown", "retry_jitter", "retry_backoff",
+                                          "max_retries"]}),
         ("Now", {"fields": ["current_holders", "created_at", "updated_at"]}),
     ]
 

@@ -15,8 +15,9 @@ whole schedule from the database. For each due entry the leader:
    before the message leaves, and a run another leader already recorded is
    never sent twice (the schedule is re-read instead);
 3. skips the run if it is later than the entry's misfire grace, or if the
-   task's lock is full and ``ON_BUSY`` is "skip" (logged at INFO with the
-   holders; the run counts as done, so nothing piles up);
+   task's lock is full and its lock definition's ``beat_on_busy`` (if set,
+   else the app's ``ON_BUSY``) is "skip" (logged at INFO with the holders;
+   the run counts as done, so nothing piles up);
 4. checks the fence again and sends, through this app's broker, with the
    lease's fencing token (``x-beat-token``) and the alias (``x-beat-app``)
    as message headers.
@@ -245,7 +246,7 @@ class LockedScheduler(DatabaseScheduler):
         try:
             policy = policies.get(*lock)
             # A lock definition's own choice (when it has one) wins over the app's.
-            if (getattr(policy, "beat_on_busy", None) or self.settings.on_busy) == "send":
+            if (policy.beat_on_busy or self.settings.on_busy) == "send":
                 return None
             if policy.paused:
                 return policy.busy_reason()

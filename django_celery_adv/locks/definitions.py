@@ -39,7 +39,9 @@ class LockPolicy:
     wait: float
     max_retries: int | None
     on_busy: str
-
+    #: At beat, a periodic task of this lock due while it is full: "skip" or "send";
+    #: "" leaves it to the app's ``BEAT["ON_BUSY"]``.
+    beat_on_busy: str = ""
 
     @property
     def paused(self) -> bool:
@@ -127,7 +129,7 @@ def _policy(row) -> LockPolicy:
         name=row.name, backend=row.backend, capacity=row.capacity, ttl=row.ttl,
         retry_countdown=row.retry_countdown, retry_jitter=row.retry_jitter,
         retry_backoff=row.retry_backoff, wait=row.wait, max_retries=row.max_retries,
-        on_busy=row.on_busy,
+        on_busy=row.on_busy, beat_on_busy=row.beat_on_busy,
     )
 
 
