@@ -36,6 +36,17 @@ DEFAULTS: dict[str, Any] = {
     "RECORD_FAILURES": True,
     "FAILURE_RETENTION_DAYS": 90,
     "INSPECT_TIMEOUT": 1.0,
+    # Task history from events (django_celery_adv.events, manage.py celery_events);
+    # "APPS" maps an app alias to overrides of the other keys for that app.
+    "EVENTS": {
+        "RETENTION_DAYS": 7,           # records not updated for this long are pruned (None: never)
+        "RETENTION_COUNT": 100_000,    # newest records kept per app (None: no limit)
+        "MAX_PENDING": 10_000,         # tasks buffered per app before events are dropped
+        "ENABLE_EVENTS_INTERVAL": 60,  # s between enable_events broadcasts (0: never)
+        "QUEUE_EXPIRES": 60,           # s the event queue outlives the recorder (AMQP)
+        "PRUNE_INTERVAL": 3600,        # s between prunes by the recorder (0: never)
+        "APPS": {},
+    },
     # Fleet readings (django_celery_adv.monitoring): sharing, grace, how long
     # a silent worker is kept, tolerated and listed.
     "MONITORING": {
