@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from django_celery_adv.locks import lock
+from django_celery_adv.locks.backends.base import HOSTNAME
 from django_celery_adv.models import BeatNode, PeriodicTaskApp
 from tests.beats import BeatProcess, Collector, Sent
 from tests.faults.servers import RedisServer, wait_until
@@ -217,26 +219,37 @@ def test_each_app_sends_its_own_periodic_tasks_through_its_own_broker(beats):
         amqp_side.stop()
 
 
-def test_a_locked_periodic_task_is_skipped_while_its_lock_is_held(beats, collector):
-    task = every_second("locked", "beat_tests.locked_job", collector.queue_name)
-    started = beats(count=2, beat={"TTL": TTL})
-    wait_sends(collector, 1, 60, started)
+#: Periodic task -> (task, its lock): a LockedTask and an @locked function task.
+LOCKED = {"locked": ("beat_tests.locked_job", "beat-test-locked-job"),
+          "decorated": ("beat_tests.locked_function", "beat-test-locked-function")}
 
-    with lock("beat-test-locked-job"):  # the long-running instance
+
+def test_a_locked_periodic_task_is_skipped_while_its_lock_is_held(beats, collector):
+    tasks = {name: every_second(name, task, collector.queue_name)
+             for name, (task, _) in LOCKED.items()}
+    started = beats(count=2, beat={"TTL": TTL})
+    wait_until(lambda: {s.task for s in collector.sent} >= {t for t, _ in LOCKED.values()},
+               60, "a send of each")
+
+    with lock(LOCKED["locked"][1]), lock(LOCKED["decorated"][1]):  # the long-running ones
         held_at = time.monotonic()
-        runs_before = PeriodicTask.objects.get(pk=task.pk).total_run_count
+        runs_before = {name: PeriodicTask.objects.get(pk=row.pk).total_run_count
+                       for name, row in tasks.items()}
         time.sleep(4)
         released_at = time.monotonic()
-    runs_while_held = PeriodicTask.objects.get(pk=task.pk).total_run_count - runs_before
+    runs_while_held = {name: PeriodicTask.objects.get(pk=row.pk).total_run_count
+                       - runs_before[name] for name, row in tasks.items()}
     time.sleep(3)
 
-    # One send may have been under way when the lock was taken.
-    held = collector.between(held_at + 0.5, released_at)
-    assert held == [], [round(s.at - held_at, 2) for s in held]
-    assert runs_while_held >= 3  # the skipped runs count as done: nothing piles up
-    after = collector.between(released_at, released_at + 3)
-    assert 2 <= len(after) <= 4, [round(s.at - released_at, 2) for s in after]
-    assert_no_tick_twice(collector.sent, started)
     log = "".join(beat.log() for beat in started)
-    assert "skipped locked (beat_tests.locked_job): lock 'beat-test-locked-job' busy" in log
-    assert "held by" in log
+    for name, (task, lock_name) in LOCKED.items():
+        sent = [s for s in collector.sent if s.task == task]
+        # One send may have been under way when the lock was taken.
+        held = [s for s in sent if held_at + 0.5 <= s.at < released_at]
+        assert held == [], (name, [round(s.at - held_at, 2) for s in held])
+        assert runs_while_held[name] >= 3, name  # skipped runs count as done: no pile-up
+        after = [s for s in sent if released_at <= s.at < released_at + 3]
+        assert 2 <= len(after) <= 4, (name, [round(s.at - released_at, 2) for s in after])
+        assert_no_tick_twice(sent, started)
+        assert (f"skipped {name} ({task}): lock {lock_name!r} busy (all 1 slot(s) held); "
+                f"held by host {HOSTNAME} (pid {os.getpid()})") in log, name

@@ -1,6 +1,6 @@
 """Tasks the beat tests schedule (imported by the beat processes through ``imports``)."""
 
-from django_celery_adv.locks import LockedTask
+from django_celery_adv.locks import LockedTask, locked
 from django_celery_adv.registry import apps
 
 
@@ -15,6 +15,13 @@ class LockedJob(LockedTask):
 
 
 locked_job = apps["default"].register_task(LockedJob())
+
+
+@apps["default"].task(name="beat_tests.locked_function")
+@locked("beat-test-locked-function")
+def locked_function() -> str:
+    """The same with the decorator: beat finds the lock on the task's ``run``."""
+    return "ran"
 
 
 @apps["global"].task(name="beat_tests.global_job")
