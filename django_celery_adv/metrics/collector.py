@@ -24,16 +24,19 @@ Guarantees:
 * **Every series has an ``app`` label.** Locks are shared by all apps: their
   series, and errors not tied to one app, carry ``app="*"``.
 
-Counter semantics (``celery_adv_tasks_total`` and the two histograms): they
-are counted over the task records stored now, and only over finished tasks
-(``SUCCESS``, ``FAILURE``, ``REVOKED``), so they grow as the recorder adds
-records and never fall when a task changes state. Pruning (retention by age
-or count) deletes records, which lowers them: Prometheus reads a fall as a
-counter reset, so ``rate()``/``increase()`` over a window that contains a
-prune over-count once. We accept that rather than keep a second, durable tally
-(which would need a table of its own): prune rarely (daily) and read alerts
-from ratios or from the gauges below. Unfinished tasks (``PENDING``,
-``RECEIVED``, ``STARTED``, ``RETRY``) move between states, so they are a gauge,
+Counter semantics: ``celery_adv_tasks_total`` (task events by name and state)
+and the two event counters come from the recorder's per-app counters
+(``TaskRecorderStats``), which are cumulative since the app's row was made:
+they survive pruning and recorder restarts, so ``rate()`` is right. The two
+histograms are counted over the *finished task records stored now*: they grow
+as the recorder adds records, never fall when a task changes state, but a
+prune (retention by age or count) deletes records, which Prometheus reads as a
+counter reset; ``rate()`` over a window that contains a prune over-counts once.
+Keeping durable buckets would need a table of their own; prune rarely (daily)
+and read runtime quantiles with ``histogram_quantile`` over ``rate`` windows
+shorter than the prune interval. Unfinished tasks (``PENDING``, ``RECEIVED``,
+``STARTED``, ``RETRY``: every state but ``SUCCESS``, ``FAILURE``, ``REVOKED``,
+``REJECTED``) move between states, so they are a gauge,
 ``celery_adv_tasks_unfinished``.
 """
 
@@ -63,7 +66,8 @@ logger = logging.getLogger(__name__)
 PREFIX = "celery_adv_"
 #: The ``app`` label of series that belong to no one app (locks, the scrape itself).
 ALL_APPS = "*"
-FINISHED_STATES = tuple(sorted(states.READY_STATES))
+#: Final states of a task record (Celery's ready states, and a rejected message).
+FINISHED_STATES = tuple(sorted({*states.READY_STATES, states.REJECTED}))
 #: Bucket bounds (seconds) of the runtime and queue-wait histograms.
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
@@ -71,7 +75,7 @@ BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 #: Every metric family the collector can export; the docs' dashboard and alert
 #: rules are tested against this list.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "tasks": ("counter", "Finished tasks among the stored task records, by final state.",
+    "tasks": ("counter", "Task events the recorder received, by task name and state.",
               ("app", "name", "state")),
     "tasks_unfinished": ("gauge", "Stored task records not finished yet, by state.",
                          ("app", "name", "state")),
@@ -95,6 +99,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                       ("app", "lock", "backend")),
     "task_failure_groups_open": ("gauge", "Task-failure groups not resolved.", ("app",)),
     "events": ("counter", "Task and worker events the recorder received.", ("app",)),
+    "recorder_last_event_age_seconds": ("gauge", "Seconds since the newest event the "
+                                        "recorder received.", ("app",)),
     "events_dropped": ("counter", "Events the recorder dropped (database behind).", ("app",)),
     "beat_leader": ("gauge", "1 if a beat leader row exists for the app.", ("app",)),
     "beat_last_tick_age_seconds": ("gauge", "Seconds since the beat leader's last tick.",
@@ -125,6 +131,8 @@ class Scrape:
     """The families of one scrape, built up by the sources."""
 
     families: dict[str, Metric] = field(default_factory=dict)
+    #: alias -> the stored workers reading used (lets the queue read name consumed queues).
+    readings: dict[str, Any] = field(default_factory=dict)
 
     def family(self, short: str) -> Any:
         if short not in self.families:
@@ -143,45 +151,49 @@ class Scrape:
 
 # -- sources: each reads one kind of stored fact; a failure is its error series --
 
-def _field(model: Any, *candidates: str) -> str | None:
-    names = {f.name for f in model._meta.get_fields()}
-    return next((name for name in candidates if name in names), None)
-
-
 def read_tasks(scrape: Scrape, aliases: list[str]) -> None:
-    """Task counts and histograms from the event recorder's ``TaskRecord`` rows."""
+    """Unfinished-task gauges and the histograms from the recorder's ``TaskRecord`` rows."""
     from django.db.models import Count, Q, Sum
 
-    from .. import models
+    from ..models import TaskRecord
 
-    model = getattr(models, "TaskRecord", None)
-    if model is None:  # the event recorder is not installed in this version
-        return
-    app = _field(model, "app_alias", "app")
-    name = _field(model, "name", "task_name")
-    state = _field(model, "state")
-    if not (app and name and state):
-        return
-    rows = model.objects.filter(**{f"{app}__in": aliases})
-    for row in rows.values(app, name, state).annotate(n=Count("pk")).order_by():
-        finished = row[state] in states.READY_STATES
-        scrape.add("tasks" if finished else "tasks_unfinished",
-                   (row[app], row[name], row[state]), row["n"])
-    finished_rows = rows.filter(**{f"{state}__in": FINISHED_STATES})
-    for short, candidates in (("task_runtime_seconds", ("runtime",)),
-                              ("task_queue_wait_seconds", ("queue_wait", "wait"))):
-        column = _field(model, *candidates)
-        if column is None:
-            continue
-        measured = finished_rows.filter(**{f"{column}__isnull": False})
+    rows = TaskRecord.objects.filter(app_alias__in=aliases)
+    for row in rows.exclude(state__in=FINISHED_STATES).values(
+            "app_alias", "name", "state").annotate(n=Count("pk")).order_by():
+        scrape.add("tasks_unfinished", (row["app_alias"], row["name"], row["state"]), row["n"])
+    finished = rows.filter(state__in=FINISHED_STATES)
+    for short, column in (("task_runtime_seconds", "runtime"),
+                          ("task_queue_wait_seconds", "queue_wait")):
         buckets = {f"le{i}": Count("pk", filter=Q(**{f"{column}__lte": bound}))
                    for i, bound in enumerate(BUCKETS)}
-        for row in measured.values(app, name).annotate(
+        measured = finished.filter(**{f"{column}__isnull": False})
+        for row in measured.values("app_alias", "name").annotate(
                 total=Count("pk"), seconds=Sum(column), **buckets).order_by():
             cumulative = [(_le(bound), row[f"le{i}"]) for i, bound in enumerate(BUCKETS)]
             scrape.family(short).add_metric(
-                [row[app], row[name]], [*cumulative, ("+Inf", row["total"])],
+                [row["app_alias"], row["name"]], [*cumulative, ("+Inf", row["total"])],
                 float(row["seconds"] or 0.0))
+
+
+def read_recorder(scrape: Scrape, aliases: list[str]) -> None:
+    """Task-event counters and event counters from the recorder's per-app row."""
+    from ..models import TaskRecorderStats
+
+    now = timezone.now()
+    for stats in TaskRecorderStats.objects.filter(app_alias__in=aliases).only(
+            "app_alias", "events_seen", "events_dropped", "last_event_at", "task_counts"):
+        alias = stats.app_alias
+        scrape.add("events", (alias,), stats.events_seen)
+        scrape.add("events_dropped", (alias,), stats.events_dropped)
+        if stats.last_event_at is not None:
+            scrape.add("recorder_last_event_age_seconds", (alias,),
+                       max(0.0, (now - stats.last_event_at).total_seconds()))
+        counts = stats.task_counts if isinstance(stats.task_counts, dict) else {}
+        for name, by_state in sorted(counts.items()):
+            if isinstance(by_state, dict):
+                for state, count in sorted(by_state.items()):
+                    if isinstance(count, int | float):
+                        scrape.add("tasks", (alias, str(name), str(state)), count)
 
 
 def _le(bound: float) -> str:
@@ -198,7 +210,8 @@ def read_workers(scrape: Scrape, aliases: list[str]) -> None:
     for alias in aliases:
         try:
             if last_reading is not None:
-                workers = _workers_of(last_reading(alias), scrape, alias, now)
+                scrape.readings[alias] = reading = last_reading(alias)
+                workers = _workers_of(reading, scrape, alias, now)
             else:  # before the fleet record: the last-seen cache, names and times only
                 workers = [(name, seen, None) for name, seen in
                            monitoring.load_seen(alias).items()]
@@ -234,6 +247,30 @@ def _workers_of(reading: Any, scrape: Scrape, alias: str,
         result.append((worker.name, seen.timestamp() if seen else None,
                        getattr(worker, "running", None)))
     return result
+
+
+def read_queue_lengths(scrape: Scrape, aliases: list[str]) -> None:
+    """Messages ready per queue: one bounded broker read per app (no broadcast).
+
+    The queues are those the app's settings declare plus those its workers
+    consume per the stored reading. A broker that fails leaves its app's
+    queue series out and adds its error series; a transport whose counts
+    cannot be read (filesystem, SQS ...) gives no series at all.
+    """
+    try:
+        from ..queues import read_queues
+    except ImportError:  # this version has no queue reader
+        return
+    timeout = conf.metrics("QUEUE_TIMEOUT")
+    statuses = {alias: reading for alias, reading in scrape.readings.items()
+                if reading is not None}
+    for alias, reading in read_queues(aliases, statuses, timeout=timeout).items():
+        if reading.error is not None:
+            scrape.add("scrape_error", (alias, "queues", "BrokerError"), 1)
+            continue
+        for queue in reading.queues:
+            if queue.ready is not None:
+                scrape.add("queue_length", (alias, queue.name), queue.ready)
 
 
 def read_locks(scrape: Scrape, aliases: list[str]) -> None:
@@ -283,7 +320,9 @@ def read_beat(scrape: Scrape, aliases: list[str]) -> None:
 #: source name -> reader; each runs once per scrape, in this order.
 SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
     "tasks": read_tasks,
+    "recorder": read_recorder,
     "workers": read_workers,
+    "queues": read_queue_lengths,
     "locks": read_locks,
     "failures": read_failures,
     "beat": read_beat,
