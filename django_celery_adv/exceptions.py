@@ -24,3 +24,7 @@ class LockError(CeleryAdvError):
 
 class LockUnavailable(CeleryAdvError):
     """No slot of the lock was free (after the lock's own retries, if any)."""
+
+
+class BrokerError(CeleryAdvError):
+    """A broker failed, refused or timed out; the message is masked and readable."""

@@ -197,7 +197,17 @@ class Monitoring(models.Model):
     class Meta:
         managed = False
         default_permissions = ()
-        permissions = [("view_monitoring", "Can view the Celery monitoring pages")]
+        permissions = [
+            ("view_monitoring", "Can view the Celery monitoring pages"),
+            # Operator actions (admin/queues.py, admin/worker_control.py), one each.
+            ("purge_queue", "Can purge a Celery queue"),
+            ("resize_worker_pool", "Can grow or shrink a worker's pool"),
+            ("autoscale_worker", "Can set a worker's autoscale bounds"),
+            ("manage_worker_consumers", "Can add or cancel a worker's queue consumers"),
+            ("set_task_rate_limit", "Can set a task's rate limit on a worker"),
+            ("set_task_time_limit", "Can set a task's time limits on a worker"),
+            ("shutdown_worker", "Can shut down a worker"),
+        ]
         verbose_name = "Celery monitoring"
         verbose_name_plural = "Celery monitoring"
 
