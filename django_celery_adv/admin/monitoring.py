@@ -45,6 +45,8 @@ from ..locks.operations import HolderReader, describe_backend, masked_error
 from ..models import LockDefinition, Monitoring
 from ..monitoring import inspect_all
 from ..registry import apps
+from .queues import QueuePages
+from .worker_control import WorkerControlPages
 
 VIEW_PERMISSION = "django_celery_adv.view_monitoring"
 FORCE_RELEASE_PERMISSION = "django_celery_adv.force_release_lock"
@@ -108,6 +110,7 @@ class MonitoringAdmin(admin.ModelAdmin):
             path("locks/", wrap(self.locks_view), name=f"{prefix}_locks"),
             path("locks/force-release/", wrap(self.force_release_view),
                  name=f"{prefix}_force_release"),
+            *QueuePages(self).urls(), *WorkerControlPages(self).urls(),
         ]
 
     def _url(self, name: str, *args: Any) -> str:
@@ -126,6 +129,7 @@ class MonitoringAdmin(admin.ModelAdmin):
             "default_refresh": DEFAULT_REFRESH,
             "workers_url": self._url("changelist"),
             "locks_url": self._url("locks"),
+            "queues_url": self._url("queues"),
             "now": timezone.now(),
             **extra,
         }
