@@ -33,7 +33,9 @@ from django.db import DatabaseError
 
 from django_celery_adv.beat.health import AppBeatHealth, app_health
 from django_celery_adv.exceptions import CeleryAdvError
+from django_celery_adv.management.queue_status import queues_json, write_queues
 from django_celery_adv.monitoring import AppStatus, WorkerStatus, inspect_all
+from django_celery_adv.queues import read_queues
 from django_celery_adv.registry import apps
 
 UNKNOWN = "?"
@@ -101,15 +103,21 @@ class Command(BaseCommand):
         except CeleryAdvError as e:  # an app whose settings cannot be built
             raise CommandError(str(e), returncode=2) from e
         beats = self.read_beats(list(statuses)) if require_beat else {}
+        # Message counts per queue; the reading above says what workers consume.
+        depths = read_queues(statuses, statuses=statuses) if what == "queues" else {}
 
         if as_json:
             data = {alias: status.as_dict() for alias, status in statuses.items()}
             for alias, health in beats.items():
                 data[alias]["beat"] = health.as_dict()
+            for alias, reading in depths.items():
+                data[alias]["queues"] = queues_json(reading)
             self.stdout.write(json.dumps(data, indent=2))
         else:
             for status in statuses.values():
                 self.write_app(status, what)
+                if status.alias in depths:
+                    write_queues(self, depths[status.alias])
             self.write_table(statuses.values())
             for health in beats.values():
                 self.write_beat(health)
