@@ -28,6 +28,17 @@ E018    a ``MONITORING`` value is out of range (negative, a page size
 E019    ``METRICS`` is not a dict, has an unknown key, a ``TOKEN`` that
         is not None or a string of at least 16 characters, or a
         ``QUEUE_TIMEOUT`` that is not a number of seconds > 0
+E020    ``BEAT`` is not a dict or has an unknown key
+E021    a ``BEAT`` ``LOCK_BACKEND`` (global or an app's override) is
+        not an alias of ``LOCK_BACKENDS``
+E022    a ``BEAT`` ``TTL`` is not a number of seconds >= 1 (the beat
+        ticks every TTL/4)
+E023    a ``BEAT`` ``MISFIRE_GRACE`` is not None, seconds >= 0, or a
+        ``{periodic task name glob: seconds}`` dict of those
+E024    a ``BEAT`` ``ON_BUSY`` is not "skip" or "send"
+E025    ``BEAT["APPS"]`` is not a dict, names an alias missing from
+        ``APPS``, or an entry is not a dict of ``LOCK_BACKEND``,
+        ``TTL``, ``MISFIRE_GRACE`` and ``ON_BUSY`` overrides
 W001    an app sets a key that is not a Celery setting (a typo?); its
         ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
