@@ -109,3 +109,4 @@ def locked_sleep(self, name, seconds):
 
 from tests.testapp import failing_tasks  # noqa: E402,F401
 from tests.testapp.monitoring_tasks import *  # noqa: E402,F403
+from tests.testapp import event_tasks  # noqa: E402,F401
