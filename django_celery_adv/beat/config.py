@@ -28,7 +28,8 @@ class BeatSettings:
     #: None: a run missed during a failover is sent once, however late; a number
     #: (or a {periodic task name glob: seconds} dict): a run later than that is skipped.
     misfire_grace: float | Mapping[str, float] | None
-    #: A locked periodic task whose lock is full at its due time: "skip" or "send".
+    #: A locked periodic task whose lock is full at its due time: "skip" or "send"
+    #: (a lock definition's ``beat_on_busy``, when set, wins over this).
     on_busy: str
 
     @property
