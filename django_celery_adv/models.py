@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import IntegrityError, models
 from django.utils.deconstruct import deconstructible
+from django.utils.translation import gettext_lazy as _
 
 #: Safe as a Redis key part, a ZooKeeper node, an etcd key and a MongoDB value.
 LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -141,12 +142,13 @@ class LockDefinition(models.Model):
         help_text="Lock retries before LockUnavailable; empty = forever.")
     on_busy = models.CharField(max_length=10, choices=OnBusy.choices, default=OnBusy.RETRY)
     beat_on_busy = models.CharField(
-        "at beat, when busy", max_length=10, blank=True, default="",
-        choices=[("", "as the app's beat setting (BEAT ON_BUSY)"),
-                 ("skip", "skip the run"), ("send", "send it anyway")],
-        help_text="A periodic task using this lock is due while the lock is full: skip that "
-                  "run (logged with the holders) or send it anyway (then on_busy decides in "
-                  "the worker). Empty: CELERY_ADV['BEAT']['ON_BUSY'] of the app, default skip.")
+        _("at beat, when busy"), max_length=10, blank=True, default="",
+        choices=[("", _("as the app's beat setting (BEAT ON_BUSY)")),
+                 ("skip", _("skip the run")), ("send", _("send it anyway"))],
+        help_text=_("A periodic task using this lock is due while the lock is full: skip "
+                    "that run (logged with the holders) or send it anyway (then on_busy "
+                    "decides in the worker). Empty: CELERY_ADV['BEAT']['ON_BUSY'] of the "
+                    "app, default skip."))
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
