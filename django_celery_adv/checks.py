@@ -58,6 +58,7 @@ from urllib.parse import unquote, urlsplit
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
+from django.utils.translation import gettext as _
 
 from . import conf
 from .exceptions import InvalidLockBackendError
@@ -100,13 +101,14 @@ def _error(number: str, msg: str, hint: str | None = None, obj: str = "CELERY_AD
 def check_celery_adv_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     raw = conf.user_settings()
     if not isinstance(raw, dict):
-        return [_error("E001", f"CELERY_ADV must be a dict, not {type(raw).__name__}.",
-                       hint="See the Settings section of the README.")]
+        return [_error("E001", _("CELERY_ADV must be a dict, not %(type)s.")
+                       % {"type": type(raw).__name__},
+                       hint=_("See the Settings section of the README."))]
     messages: list[CheckMessage] = []
     for key in sorted(set(raw) - set(conf.DEFAULTS)):
         messages.append(_error(
-            "E002", f"CELERY_ADV has an unknown key {key!r}.",
-            hint=f"Known keys: {', '.join(sorted(conf.DEFAULTS))}.",
+            "E002", _("CELERY_ADV has an unknown key %(key)s.") % {"key": repr(key)},
+            hint=_("Known keys: %(keys)s.") % {"keys": ", ".join(sorted(conf.DEFAULTS))},
         ))
     config = conf.get_config()
     messages += check_apps(config["APPS"])
@@ -139,14 +141,15 @@ def transport_of(url: str) -> str:
 
 def check_apps(app_settings: Any) -> list[CheckMessage]:
     if not isinstance(app_settings, dict) or not app_settings:
-        return [_error("E003", "CELERY_ADV['APPS'] must be a non-empty dict of alias -> "
-                       "Celery settings.",
-                       hint="e.g. {'default': {'broker_url': 'redis://127.0.0.1:6379/0'}}")]
+        return [_error("E003", _("CELERY_ADV['APPS'] must be a non-empty dict of alias -> "
+                                 "Celery settings."),
+                       hint=_("e.g. %(example)s")
+                       % {"example": "{'default': {'broker_url': 'redis://127.0.0.1:6379/0'}}"})]
     messages: list[CheckMessage] = []
     if conf.DEFAULT_APP_ALIAS not in app_settings:
         messages.append(_error(
-            "E003", "CELERY_ADV['APPS'] has no 'default' alias.",
-            hint="Shared tasks with no TASK_APPS match are sent through 'default'; add it.",
+            "E003", _("CELERY_ADV['APPS'] has no 'default' alias."),
+            hint=_("Shared tasks with no TASK_APPS match are sent through 'default'; add it."),
         ))
     valid: dict[str, Mapping[str, Any]] = {}
     for alias, settings in app_settings.items():
@@ -158,8 +161,8 @@ def check_apps(app_settings: Any) -> list[CheckMessage]:
                                           f"{obj}[{APP_LOGGING_KEY!r}]", obj)
         if not isinstance(settings, dict) or not broker_urls(settings):
             messages.append(_error(
-                "E004", f"{obj} has no 'broker_url'.",
-                hint="Each app needs its own broker_url (lowercase Celery setting names).",
+                "E004", _("%(obj)s has no 'broker_url'.") % {"obj": obj},
+                hint=_("Each app needs its own broker_url (lowercase Celery setting names)."),
                 obj=obj))
             continue
         url_errors = _check_broker_urls(obj, broker_urls(settings))
@@ -177,9 +180,10 @@ def _check_setting_names(obj: str, settings: Mapping[str, Any]) -> list[CheckMes
     for key in sorted(settings):
         if key not in CELERY_DEFAULTS and key != APP_LOGGING_KEY:
             messages.append(Warning(
-                f"{obj} sets {key!r}, which is not a Celery setting; it is ignored.",
-                hint="Use Celery's lowercase setting names, e.g. 'broker_url', "
-                     "'result_backend', 'task_default_queue'.",
+                _("%(obj)s sets %(key)s, which is not a Celery setting; it is ignored.")
+                % {"obj": obj, "key": repr(key)},
+                hint=_("Use Celery's lowercase setting names, e.g. 'broker_url', "
+                       "'result_backend', 'task_default_queue'."),
                 obj=obj, id=ID.format("W001")))
     return messages
 
@@ -192,21 +196,26 @@ def _check_broker_urls(obj: str, urls: Iterable[str]) -> list[CheckMessage]:
         scheme = transport_of(url)
         if "://" not in url or scheme not in TRANSPORT_ALIASES:
             messages.append(_error(
-                "E005", f"{obj} has a broker URL with an unsupported scheme {scheme!r}.",
-                hint=f"Use one of kombu's transports: {', '.join(sorted(TRANSPORT_ALIASES))}.",
+                "E005", _("%(obj)s has a broker URL with an unsupported scheme %(scheme)s.")
+                % {"obj": obj, "scheme": repr(scheme)},
+                hint=_("Use one of kombu's transports: %(transports)s.")
+                % {"transports": ", ".join(sorted(TRANSPORT_ALIASES))},
                 obj=obj))
             continue
         try:
             urlsplit(url).port  # noqa: B018 (raises on a port that is not a number)
         except ValueError as e:
-            messages.append(_error("E005", f"{obj} has a malformed broker URL: {e}.",
-                                   hint="Check the host and port of broker_url.", obj=obj))
+            messages.append(_error("E005", _("%(obj)s has a malformed broker URL: %(error)s.")
+                                   % {"obj": obj, "error": e},
+                                   hint=_("Check the host and port of broker_url."), obj=obj))
             continue
         client = TRANSPORT_CLIENTS.get(scheme)
         if client and importlib.util.find_spec(client) is None:
             messages.append(_error(
-                "E007", f"{obj} uses the {scheme!r} transport but {client!r} is not "
-                        "installed.", hint=install_hint(scheme), obj=obj))
+                "E007", _("%(obj)s uses the %(scheme)s transport but %(client)s is not "
+                          "installed.") % {"obj": obj, "scheme": repr(scheme),
+                                           "client": repr(client)},
+                hint=install_hint(scheme), obj=obj))
             continue  # the transport's import would fail for the same reason
         messages += _check_transport_imports(obj, scheme)
     return messages
@@ -222,8 +231,10 @@ def _check_transport_imports(obj: str, scheme: str) -> list[CheckMessage]:
         # "packaging", also when the import of "packaging.version" was the one refused.
         missing = (e.name or str(e)).partition(".")[0]
         return [_error(
-            "E016", f"{obj} uses the {scheme!r} transport, which cannot be imported: "
-                    f"the module {missing!r} is missing ({e}). A worker would die at start-up.",
+            "E016", _("%(obj)s uses the %(scheme)s transport, which cannot be imported: "
+                      "the module %(module)s is missing (%(error)s). A worker would die at "
+                      "start-up.") % {"obj": obj, "scheme": repr(scheme),
+                                      "module": repr(missing), "error": e},
             hint=install_hint(scheme), obj=obj)]
     return []
 
@@ -257,9 +268,13 @@ def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list
     for alias, settings in app_settings.items():
         seen.setdefault(broker_identity(settings), []).append(alias)
     for aliases in seen.values():
-        for setting, number, consequence in (
-            ("control_exchange", "E008", "answer each other's inspect/control broadcasts"),
-            ("task_default_queue", "E009", "consume each other's tasks"),
+        for setting, number, text in (
+            ("control_exchange", "E008", _(
+                "Apps %(apps)s share a broker and the %(setting)s %(name)s: their workers "
+                "would answer each other's inspect/control broadcasts.")),
+            ("task_default_queue", "E009", _(
+                "Apps %(apps)s share a broker and the %(setting)s %(name)s: their workers "
+                "would consume each other's tasks.")),
         ):
             by_name: dict[str, list[str]] = {}
             for alias in aliases:
@@ -270,10 +285,11 @@ def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list
                 if len(clash) > 1:
                     messages.append(_error(
                         number,
-                        f"Apps {', '.join(map(repr, clash))} share a broker and the "
-                        f"{setting} {name!r}: their workers would {consequence}.",
-                        hint=f"Give each app its own {setting!r}; left unset, every alias "
-                             f"but 'default' gets one named after it.",
+                        text % {"apps": ", ".join(map(repr, clash)), "setting": setting,
+                                "name": repr(name)},
+                        hint=_("Give each app its own %(setting)s; left unset, every alias "
+                               "but 'default' gets one named after it.")
+                        % {"setting": repr(setting)},
                         obj=f"CELERY_ADV['APPS'][{clash[1]!r}]"))
     return messages
 
@@ -282,12 +298,14 @@ def _check_shared_brokers(app_settings: Mapping[str, Mapping[str, Any]]) -> list
 
 def check_task_apps(task_apps: Any, app_settings: Any) -> list[CheckMessage]:
     if not isinstance(task_apps, dict):
-        return [_error("E006", "CELERY_ADV['TASK_APPS'] must be a dict of task-name glob "
-                       "-> app alias.", hint="e.g. {'reports.tasks.*': 'global'}")]
+        return [_error("E006", _("CELERY_ADV['TASK_APPS'] must be a dict of task-name glob "
+                                 "-> app alias."),
+                       hint=_("e.g. %(example)s") % {"example": "{'reports.tasks.*': 'global'}"})]
     known = set(app_settings) if isinstance(app_settings, dict) else set()
     return [
-        _error("E006", f"CELERY_ADV['TASK_APPS'][{pattern!r}] names the unknown app "
-                       f"{alias!r}.", hint=f"Known apps: {', '.join(sorted(known)) or 'none'}.")
+        _error("E006", _("CELERY_ADV['TASK_APPS'][%(pattern)s] names the unknown app "
+                         "%(alias)s.") % {"pattern": repr(pattern), "alias": repr(alias)},
+               hint=_("Known apps: %(apps)s.") % {"apps": ", ".join(sorted(known)) or _("none")})
         for pattern, alias in task_apps.items() if not isinstance(alias, str) or alias not in known
     ]
 
@@ -296,33 +314,39 @@ def check_task_apps(task_apps: Any, app_settings: Any) -> list[CheckMessage]:
 
 def check_lock_backends(backends: Any) -> list[CheckMessage]:
     if not isinstance(backends, dict) or conf.DEFAULT_LOCK_BACKEND_ALIAS not in backends:
-        return [_error("E010", "CELERY_ADV['LOCK_BACKENDS'] must be a dict with a 'default' "
-                       "alias.", hint=f"The embedded default is {conf.DATABASE_LOCK_BACKEND!r}.")]
+        return [_error("E010", _("CELERY_ADV['LOCK_BACKENDS'] must be a dict with a 'default' "
+                                 "alias."),
+                       hint=_("The embedded default is %(backend)s.")
+                       % {"backend": repr(conf.DATABASE_LOCK_BACKEND)})]
     messages: list[CheckMessage] = []
     for alias, params in backends.items():
         obj = f"CELERY_ADV['LOCK_BACKENDS'][{alias!r}]"
         if not isinstance(params, dict) or not isinstance(params.get("BACKEND"), str):
-            messages.append(_error("E010", f"{obj} needs a 'BACKEND' dotted path.",
-                                   hint="And optionally 'OPTIONS': {...}.", obj=obj))
+            messages.append(_error("E010", _("%(obj)s needs a 'BACKEND' dotted path.")
+                                   % {"obj": obj},
+                                   hint=_("And optionally 'OPTIONS': {...}."), obj=obj))
             continue
         try:
             backend_cls = load_backend_class(params["BACKEND"])
         except InvalidLockBackendError as e:
             extra = pip_extra_for(params["BACKEND"])
             hint = (f"pip install 'django-celery-adv[{extra}]'" if extra
-                    else "Check the dotted path of the LockBackend subclass.")
+                    else _("Check the dotted path of the LockBackend subclass."))
             messages.append(_error("E011", str(e), hint=hint, obj=obj))
             continue
         options = params.get("OPTIONS") or {}
         if not isinstance(options, dict):
-            messages.append(_error("E010", f"{obj}['OPTIONS'] must be a dict.", obj=obj))
+            messages.append(_error("E010", _("%(obj)s['OPTIONS'] must be a dict.")
+                                   % {"obj": obj}, obj=obj))
             continue
         missing = [name for name in backend_cls.required_options if name not in options]
         if missing:
             messages.append(_error(
-                "E012", f"{obj} lacks the required option(s) {', '.join(map(repr, missing))}.",
-                hint=f"{backend_cls.__name__} needs OPTIONS with: "
-                     f"{', '.join(backend_cls.required_options)}.", obj=obj))
+                "E012", _("%(obj)s lacks the required option(s) %(options)s.")
+                % {"obj": obj, "options": ", ".join(map(repr, missing))},
+                hint=_("%(backend)s needs OPTIONS with: %(options)s.")
+                % {"backend": backend_cls.__name__,
+                   "options": ", ".join(backend_cls.required_options)}, obj=obj))
     return messages
 
 
@@ -337,17 +361,21 @@ def check_lock_defaults(defaults: Any) -> list[CheckMessage]:
 
     obj = "CELERY_ADV['LOCK_DEFAULTS']"
     if not isinstance(defaults, dict):
-        return [_error("E013", f"{obj} must be a dict.", obj=obj)]
-    messages = [_error("E013", f"{obj} has an unknown key {key!r}.",
-                       hint=f"Known keys: {', '.join(sorted(LOCK_DEFAULT_FIELDS))}.", obj=obj)
+        return [_error("E013", _("%(obj)s must be a dict.") % {"obj": obj}, obj=obj)]
+    messages = [_error("E013", _("%(obj)s has an unknown key %(key)s.")
+                       % {"obj": obj, "key": repr(key)},
+                       hint=_("Known keys: %(keys)s.")
+                       % {"keys": ", ".join(sorted(LOCK_DEFAULT_FIELDS))}, obj=obj)
                 for key in sorted(set(defaults) - set(LOCK_DEFAULT_FIELDS))]
     for key, field_name in LOCK_DEFAULT_FIELDS.items():
         if key in defaults:
             field = LockDefinition._meta.get_field(field_name)
             problem = _field_problem(field, defaults[key])
             if problem:
-                messages.append(_error("E013", f"{obj}[{key!r}] is {defaults[key]!r}: "
-                                               f"{problem}", obj=obj))
+                messages.append(_error("E013", _("%(obj)s[%(key)s] is %(value)s: %(problem)s")
+                                       % {"obj": obj, "key": repr(key),
+                                          "value": repr(defaults[key]), "problem": problem},
+                                       obj=obj))
     return messages
 
 
@@ -357,13 +385,16 @@ def _field_problem(field: Any, value: Any) -> str | None:
     from django.db import models
 
     if isinstance(field, models.BooleanField):
-        return None if isinstance(value, bool) else "expected True or False."
+        return None if isinstance(value, bool) else _("expected True or False.")
     if value is None and field.null:
         return None
     integer = isinstance(field, models.IntegerField)
     if isinstance(value, bool) or not (isinstance(value, int) if integer else _number(value)):
-        expected = "an int" if integer else "a number of seconds"
-        return f"expected {'None (forever) or ' if field.null else ''}{expected}."
+        if integer:
+            return _("expected None (forever) or an int.") if field.null \
+                else _("expected an int.")
+        return _("expected None (forever) or a number of seconds.") if field.null \
+            else _("expected a number of seconds.")
     try:
         field.run_validators(value)
     except ValidationError as e:
@@ -382,24 +413,27 @@ def check_logging(value: Any, name: str = "CELERY_ADV['LOGGING']",
             if callable(import_string(value)):
                 return []
         except ImportError as e:
-            return [_error("E014", f"{name} {value!r} cannot be imported: {e}.",
-                           hint="Give the dotted path of a callable.", obj=obj)]
-    return [_error("E014", f"{name} must be None, a logging dictConfig dict, "
-                           "or the dotted path of a callable.", obj=obj)]
+            return [_error("E014", _("%(name)s %(value)s cannot be imported: %(error)s.")
+                           % {"name": name, "value": repr(value), "error": e},
+                           hint=_("Give the dotted path of a callable."), obj=obj)]
+    return [_error("E014", _("%(name)s must be None, a logging dictConfig dict, "
+                             "or the dotted path of a callable.") % {"name": name}, obj=obj)]
 
 
 def check_scalars(config: Mapping[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     timeout = config["INSPECT_TIMEOUT"]
     if not (_number(timeout) and timeout > 0):
-        messages.append(_error("E015", f"CELERY_ADV['INSPECT_TIMEOUT'] is {timeout!r}; "
-                                       "expected a number of seconds > 0."))
+        messages.append(_error("E015", _("CELERY_ADV['INSPECT_TIMEOUT'] is %(value)s; "
+                                         "expected a number of seconds > 0.")
+                               % {"value": repr(timeout)}))
     if not isinstance(config["RECORD_FAILURES"], bool):
-        messages.append(_error("E015", "CELERY_ADV['RECORD_FAILURES'] must be True or False."))
+        messages.append(_error("E015", _("CELERY_ADV['RECORD_FAILURES'] must be True or "
+                                         "False.")))
     days = config["FAILURE_RETENTION_DAYS"]
     if not (isinstance(days, int) and not isinstance(days, bool) and days >= 1):
-        messages.append(_error("E015", f"CELERY_ADV['FAILURE_RETENTION_DAYS'] is {days!r}; "
-                                       "expected an int >= 1."))
+        messages.append(_error("E015", _("CELERY_ADV['FAILURE_RETENTION_DAYS'] is %(value)s; "
+                                         "expected an int >= 1.") % {"value": repr(days)}))
     return messages
 
 
@@ -412,30 +446,36 @@ def check_monitoring(value: Any) -> list[CheckMessage]:
     defaults = conf.DEFAULTS["MONITORING"]
     where = "CELERY_ADV['MONITORING']"
     if not isinstance(value, dict):
-        return [_error("E017", f"{where} must be a dict, not {type(value).__name__}.")]
-    messages = [_error("E017", f"{where} has an unknown key {key!r}.",
-                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+        return [_error("E017", _("%(obj)s must be a dict, not %(type)s.")
+                       % {"obj": where, "type": type(value).__name__})]
+    messages = [_error("E017", _("%(obj)s has an unknown key %(key)s.")
+                       % {"obj": where, "key": repr(key)},
+                       hint=_("Known keys: %(keys)s.") % {"keys": ", ".join(sorted(defaults))})
                 for key in sorted(set(value) - set(defaults))]
     merged = {**defaults, **{k: v for k, v in value.items() if k in defaults}}
     for key in sorted(set(value) & set(defaults)):
         if not (_number(value[key]) and value[key] >= 0):
-            messages.append(_error("E018", f"{where}['{key}'] is {value[key]!r}; expected a "
-                                           "number >= 0."))
+            messages.append(_error("E018", _("%(obj)s['%(key)s'] is %(value)s; expected a "
+                                             "number >= 0.")
+                                   % {"obj": where, "key": key, "value": repr(value[key])}))
     if any(m.id.endswith("E018") for m in messages):
         return messages
     size = merged["PAGE_SIZE"]
     if not (isinstance(size, int) and 10 <= size <= 1000):
-        messages.append(_error("E018", f"{where}['PAGE_SIZE'] is {size!r}; expected an int "
-                                       "from 10 to 1000."))
+        messages.append(_error("E018", _("%(obj)s['PAGE_SIZE'] is %(value)s; expected an int "
+                                         "from 10 to 1000.") % {"obj": where, "value": repr(size)}))
     if merged["NEWCOMER_GRACE"] > 1:
-        messages.append(_error("E018", f"{where}['NEWCOMER_GRACE'] is "
-                                       f"{merged['NEWCOMER_GRACE']!r}; expected at most 1 s "
-                                       "(every reading of a healthy fleet waits it)."))
+        messages.append(_error("E018", _("%(obj)s['NEWCOMER_GRACE'] is %(value)s; expected "
+                                         "at most 1 s (every reading of a healthy fleet waits "
+                                         "it).") % {"obj": where,
+                                                    "value": repr(merged["NEWCOMER_GRACE"])}))
     for key in ("SILENT_WINDOW", "OFFLINE_AFTER"):
         if merged[key] > merged["FORGET_AFTER"]:
-            messages.append(_error("E018", f"{where}['{key}'] ({merged[key]!r}) is longer "
-                                           f"than FORGET_AFTER ({merged['FORGET_AFTER']!r}): "
-                                           "the worker would be forgotten first."))
+            messages.append(_error("E018", _("%(obj)s['%(key)s'] (%(value)s) is longer than "
+                                             "FORGET_AFTER (%(forget)s): the worker would be "
+                                             "forgotten first.")
+                                   % {"obj": where, "key": key, "value": repr(merged[key]),
+                                      "forget": repr(merged["FORGET_AFTER"])}))
     return messages
 
 
@@ -479,40 +519,47 @@ def check_beat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     beat = raw.get("BEAT", {}) if isinstance(raw, dict) else {}
     defaults = conf.DEFAULTS["BEAT"]
     if not isinstance(beat, dict):
-        return [_error("E020", f"CELERY_ADV['BEAT'] must be a dict, not {type(beat).__name__}.")]
-    messages = [_error("E020", f"CELERY_ADV['BEAT'] has an unknown key {key!r}.",
-                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+        return [_error("E020", _("%(obj)s must be a dict, not %(type)s.")
+                       % {"obj": "CELERY_ADV['BEAT']", "type": type(beat).__name__})]
+    messages = [_error("E020", _("%(obj)s has an unknown key %(key)s.")
+                       % {"obj": "CELERY_ADV['BEAT']", "key": repr(key)},
+                       hint=_("Known keys: %(keys)s.") % {"keys": ", ".join(sorted(defaults))})
                 for key in sorted(set(beat) - set(defaults))]
     per_app = beat.get("APPS", {})
     if not isinstance(per_app, dict):
-        return [*messages, _error("E025", "CELERY_ADV['BEAT']['APPS'] must be a dict of "
-                                          "app alias -> beat settings.")]
+        return [*messages, _error("E025", _("CELERY_ADV['BEAT']['APPS'] must be a dict of "
+                                            "app alias -> beat settings."))]
     # Only what the project wrote: a missing "default" lock backend is E010's to report.
     sections = [("CELERY_ADV['BEAT']", beat)]
     for alias, overrides in per_app.items():
         where = f"CELERY_ADV['BEAT']['APPS'][{alias!r}]"
         if alias not in conf.app_settings():
-            messages.append(_error("E025", f"{where}: no app {alias!r} in CELERY_ADV['APPS']."))
+            messages.append(_error("E025", _("%(obj)s: no app %(alias)s in CELERY_ADV['APPS'].")
+                                   % {"obj": where, "alias": repr(alias)}))
         if not isinstance(overrides, dict) or set(overrides) - (set(defaults) - {"APPS"}):
-            messages.append(_error("E025", f"{where} must be a dict of LOCK_BACKEND, TTL, "
-                                           "MISFIRE_GRACE and ON_BUSY overrides."))
+            messages.append(_error("E025", _("%(obj)s must be a dict of LOCK_BACKEND, TTL, "
+                                             "MISFIRE_GRACE and ON_BUSY overrides.")
+                                   % {"obj": where}))
         elif overrides:
             sections.append((where, overrides))
     for where, values in sections:
         if "LOCK_BACKEND" in values and values["LOCK_BACKEND"] not in \
                 conf.lock_backend_settings():
-            messages.append(_error("E021", f"{where}['LOCK_BACKEND'] is "
-                                           f"{values['LOCK_BACKEND']!r}, not a lock backend of "
-                                           "CELERY_ADV['LOCK_BACKENDS']."))
+            messages.append(_error("E021", _("%(obj)s['LOCK_BACKEND'] is %(value)s, not a lock "
+                                             "backend of CELERY_ADV['LOCK_BACKENDS'].")
+                                   % {"obj": where, "value": repr(values["LOCK_BACKEND"])}))
         if "TTL" in values and not (_number(values["TTL"]) and values["TTL"] >= 1):
-            messages.append(_error("E022", f"{where}['TTL'] is {values['TTL']!r}; expected "
-                                           "seconds >= 1 (the beat ticks every TTL/4)."))
+            messages.append(_error("E022", _("%(obj)s['TTL'] is %(value)s; expected seconds "
+                                             ">= 1 (the beat ticks every TTL/4).")
+                                   % {"obj": where, "value": repr(values["TTL"])}))
         grace = values.get("MISFIRE_GRACE")
         graces = grace.values() if isinstance(grace, dict) else [grace]
         if not all(g is None or (_number(g) and g >= 0) for g in graces):
-            messages.append(_error("E023", f"{where}['MISFIRE_GRACE'] is {grace!r}; expected "
-                                           "None, seconds >= 0, or {name glob: seconds}."))
+            messages.append(_error("E023", _("%(obj)s['MISFIRE_GRACE'] is %(value)s; expected "
+                                             "None, seconds >= 0, or {name glob: seconds}.")
+                                   % {"obj": where, "value": repr(grace)}))
         if values.get("ON_BUSY", "skip") not in ("skip", "send"):
-            messages.append(_error("E024", f"{where}['ON_BUSY'] is {values['ON_BUSY']!r}; "
-                                           "expected 'skip' or 'send'."))
+            messages.append(_error("E024", _("%(obj)s['ON_BUSY'] is %(value)s; expected "
+                                             "'skip' or 'send'.")
+                                   % {"obj": where, "value": repr(values["ON_BUSY"])}))
     return messages

@@ -25,6 +25,7 @@ from django.core.checks import CheckMessage, Warning
 from django.db import DatabaseError, connections, router
 from django.db.utils import ConnectionDoesNotExist
 from django.utils.module_loading import import_string
+from django.utils.translation import gettext as _
 
 from .. import conf
 
@@ -51,10 +52,12 @@ def check_database_lock_backend(app_configs: Any = None, databases: Iterable[str
         for problem in _problems(using, querying=using in (databases or ()),
                                  tables=(LockFence, LockLease)):
             messages.append(Warning(
-                f"The database lock backend {alias!r} runs on DATABASES[{using!r}]: {problem}.",
-                hint="See the support matrix in django_celery_adv.locks.backends.database "
-                     "(PostgreSQL, MariaDB/MySQL on InnoDB, SQLite >= 3.35 on a file, "
-                     "USE_TZ = True), or use another lock backend.",
+                _("The database lock backend %(alias)s runs on DATABASES[%(using)s]: "
+                  "%(problem)s.") % {"alias": repr(alias), "using": repr(using),
+                                     "problem": problem},
+                hint=_("See the support matrix in django_celery_adv.locks.backends.database "
+                       "(PostgreSQL, MariaDB/MySQL on InnoDB, SQLite >= 3.35 on a file, "
+                       "USE_TZ = True), or use another lock backend."),
                 obj=obj, id=CHECK_ID))
     return messages
 
@@ -74,21 +77,23 @@ def _problems(using: str, *, querying: bool, tables: tuple) -> list[str]:
     connection = connections[using]
     vendor = connection.vendor
     if vendor not in SUPPORTED:
-        return [f"{vendor} is not supported (no fence upsert, no server clock for expiry)"]
+        return [_("%(vendor)s is not supported (no fence upsert, no server clock for expiry)")
+                % {"vendor": vendor}]
     problems = []
     if not settings.USE_TZ:
-        problems.append("USE_TZ is False (lease times are stored and compared in UTC)")
+        problems.append(_("USE_TZ is False (lease times are stored and compared in UTC)"))
     if vendor == "sqlite":
         if connection.is_in_memory_db():
-            problems.append("an in-memory SQLite database is private to one process, "
-                            "so no lock is shared with another worker")
+            problems.append(_("an in-memory SQLite database is private to one process, "
+                              "so no lock is shared with another worker"))
         if sqlite3.sqlite_version_info < (3, 35):
-            problems.append(f"SQLite {sqlite3.sqlite_version} lacks RETURNING (3.35+)")
+            problems.append(_("SQLite %(version)s lacks RETURNING (3.35+)")
+                            % {"version": sqlite3.sqlite_version})
     if vendor == "mysql":
         zone = connection.settings_dict.get("TIME_ZONE")
         if zone not in (None, "UTC"):
-            problems.append(f"TIME_ZONE {zone!r}: expiry compares UTC_TIMESTAMP with "
-                            "stored times, which must be UTC")
+            problems.append(_("TIME_ZONE %(zone)s: expiry compares UTC_TIMESTAMP with "
+                              "stored times, which must be UTC") % {"zone": repr(zone)})
         if querying:
             problems.extend(_storage_engine_problems(connection, tables))
     return problems
@@ -104,6 +109,7 @@ def _storage_engine_problems(connection: Any, tables: tuple) -> list[str]:
             rows = cursor.fetchall()
     except DatabaseError:
         return []  # an unreachable database is reported by Django's own checks
-    return [f"table {table} uses the {engine} storage engine, not InnoDB "
-            "(no transactions or row locks)" for table, engine in rows
+    return [_("table %(table)s uses the %(engine)s storage engine, not InnoDB "
+              "(no transactions or row locks)") % {"table": table, "engine": engine}
+            for table, engine in rows
             if str(engine).lower() != "innodb"]
