@@ -1,0 +1,205 @@
+"""Queue depths on real Redis and RabbitMQ, "not supported" elsewhere, purge, celery_status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from io import StringIO
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import redis
+from celery.app import control as celery_control
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+from kombu import Exchange, Queue
+
+from django_celery_adv.exceptions import BrokerError
+from django_celery_adv.monitoring import AppStatus, Status, WorkerStatus
+from django_celery_adv.queues import purge_queue, read_app, read_queues
+from django_celery_adv.registry import apps
+from tests.test_monitoring import SECRET, with_down_apps
+
+MESSAGES = 1000
+PRIORITIES = 10
+
+
+def with_apps(**extra: dict) -> override_settings:
+    return override_settings(CELERY_ADV={**settings.CELERY_ADV,
+                                         "APPS": {**settings.CELERY_ADV["APPS"], **extra}})
+
+
+def fill(alias: str, name: str, count: int, *, priorities: int = PRIORITIES) -> Queue:
+    """Publish ``count`` messages to a fresh queue ``name``, priorities cycling 0..9."""
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name,
+                  queue_arguments={"x-max-priority": priorities})
+    with apps[alias].connection_for_write() as connection:
+        producer = connection.Producer()
+        producer.declare = []
+        queue(connection.default_channel).declare()
+        for index in range(count):
+            producer.publish({"i": index}, exchange=queue.exchange, routing_key=name,
+                             priority=index % priorities, retry=False)
+    return queue
+
+
+def drop(alias: str, queue: Queue) -> None:
+    with apps[alias].connection_for_write() as connection:
+        bound = queue(connection.default_channel)
+        bound.delete()
+        bound.exchange.delete()
+
+
+@pytest.fixture
+def no_broadcast(monkeypatch):
+    """Any inspect or control broadcast fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a broadcast was sent")
+
+    monkeypatch.setattr(celery_control.Control, "broadcast", refuse)
+    monkeypatch.setattr(celery_control.Inspect, "_request", refuse)
+
+
+def rabbitmq_count(name: str) -> int | None:
+    """messages_ready of ``name`` as rabbitmqctl reports it (None without rabbitmqctl)."""
+    if shutil.which("rabbitmqctl") is None:
+        return None
+    vhost = unquote(urlsplit(settings.AMQP_URL).path[1:]) or "/"
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
+                          "messages_ready", "--no-table-headers"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    counts = dict(line.split("\t") for line in out.splitlines() if "\t" in line)
+    return int(counts[name])
+
+
+# -- counts ----------------------------------------------------------------------
+
+def test_redis_count_is_llen_summed_over_kombus_priority_lists(no_broadcast):
+    name = f"hops-prio-{uuid.uuid4().hex[:8]}"
+    queue = fill("default", name, MESSAGES)
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        # kombu's default priority_steps [0, 3, 6, 9], sep "\x06\x16".
+        keys = [name] + [f"{name}\x06\x16{step}" for step in (3, 6, 9)]
+        lengths = [client.llen(key) for key in keys]
+        assert sum(lengths) == MESSAGES and all(lengths), lengths  # spread over all four
+        assert client.llen(name) < MESSAGES  # what a bare LLEN (celery-exporter #272) says
+
+        reading = read_app("default", extra=[name])
+        assert reading.readable and reading.transport == "redis"
+        depth = reading.queue(name)
+        assert depth.ready == MESSAGES
+        assert depth.consumers is None and depth.unacked is None  # Redis cannot say
+        assert reading.unacked == client.hlen("unacked")
+    finally:
+        drop("default", queue)
+
+
+def test_redis_custom_priority_steps_separator_and_prefix(no_broadcast):
+    options = {"priority_steps": list(range(PRIORITIES)), "sep": ":",
+               "global_keyprefix": "hops:"}
+    with with_apps(prio={"broker_url": settings.REDIS_URL,
+                         "broker_transport_options": options}):
+        name = f"hops-steps-{uuid.uuid4().hex[:8]}"
+        queue = fill("prio", name, MESSAGES)
+        try:
+            client = redis.Redis.from_url(settings.REDIS_URL)
+            keys = [f"hops:{name}"] + [f"hops:{name}:{step}" for step in range(1, PRIORITIES)]
+            lengths = [client.llen(key) for key in keys]
+            assert sum(lengths) == MESSAGES and all(lengths), lengths
+            assert read_app("prio", extra=[name]).queue(name).ready == MESSAGES
+            assert purge_queue("prio", name) == MESSAGES
+            assert sum(client.llen(key) for key in keys) == 0
+        finally:
+            drop("prio", queue)
+
+
+def test_rabbitmq_count_and_consumers_from_a_passive_declare(no_broadcast):
+    name = f"hops-prio-{uuid.uuid4().hex[:8]}"
+    queue = fill("global", name, MESSAGES)
+    try:
+        reading = read_app("global", extra=[name, "hops-never-declared"])
+        assert reading.readable and reading.transport == "amqp"
+        depth = reading.queue(name)
+        assert (depth.ready, depth.consumers, depth.exists) == (MESSAGES, 0, True)
+        assert depth.unacked is None  # not in queue.declare-ok; never a made-up 0
+        assert reading.queue("hops-never-declared").exists is False
+        assert reading.queue("hops-never-declared").ready is None
+        counted = rabbitmq_count(name)
+        assert counted in (None, MESSAGES)
+        assert purge_queue("global", name) == MESSAGES
+        assert read_app("global", extra=[name]).queue(name).ready == 0
+    finally:
+        drop("global", queue)
+
+
+def test_workers_queues_come_from_the_reading_passed_in(no_broadcast):
+    status = AppStatus(alias="default", broker="", reachable=True, error=None, workers=[
+        WorkerStatus(name="a@h", status=Status.ONLINE, queues=["celery", "hops-extra"]),
+        WorkerStatus(name="b@h", status=Status.ONLINE, queues=["hops-extra"])])
+    reading = read_queues(["default"], statuses={"default": status})["default"]
+    assert [(q.name, q.configured, q.workers) for q in reading.queues] == [
+        ("celery", True, ["a@h"]), ("hops-extra", False, ["a@h", "b@h"])]
+    assert reading.queue("hops-extra").ready == 0
+    # Without a reading: the configured queues only, still no broadcast.
+    assert [q.name for q in read_queues(["twin"])["twin"].queues] == ["twin"]
+
+
+def test_filesystem_transport_is_not_supported(tmp_path, no_broadcast):
+    folder = str(tmp_path)
+    with with_apps(files={"broker_url": "filesystem://", "broker_transport_options": {
+            "data_folder_in": folder, "data_folder_out": folder,
+            "control_folder": folder}}):
+        reading = read_queues(["files"])["files"]
+        assert (reading.transport, reading.supported, reading.error) == \
+            ("filesystem", False, None)
+        assert [(q.name, q.ready, q.unacked, q.consumers) for q in reading.queues] == [
+            ("files", None, None, None)]
+        with pytest.raises(BrokerError, match="not supported on the filesystem"):
+            purge_queue("files", "files")
+
+
+def test_a_dead_broker_is_a_masked_error_per_app(no_broadcast):
+    with with_down_apps():
+        started = time.monotonic()
+        readings = read_queues(["down_redis", "down_amqp", "default"], timeout=0.5)
+        assert time.monotonic() - started < 3
+    for alias in ("down_redis", "down_amqp"):
+        reading = readings[alias]
+        assert reading.error and SECRET not in reading.error and SECRET not in reading.broker
+        assert all(q.ready is None for q in reading.queues)
+    assert readings["default"].readable
+
+
+# -- celery_status queues --------------------------------------------------------
+
+def test_celery_status_queues_text_and_json(tmp_path):
+    name = f"hops-status-{uuid.uuid4().hex[:8]}"
+    with with_apps(statusq={"broker_url": settings.REDIS_URL, "task_default_queue": name},
+                   files={"broker_url": "filesystem://", "broker_transport_options": {
+                       "data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+                       "control_folder": str(tmp_path)}}):
+        queue = fill("statusq", name, 7)
+        try:
+            out = StringIO()
+            with pytest.raises(CommandError):  # no worker online: exit 1 as before
+                call_command("celery_status", "queues", "--app", "statusq", "--app", "files",
+                             "--timeout", "0.2", stdout=out)
+            text = out.getvalue()
+            assert any(line.split()[:2] == [name, "7"] for line in text.splitlines()), text
+            assert "not supported on the filesystem transport" in text
+
+            out = StringIO()
+            with pytest.raises(CommandError):
+                call_command("celery_status", "queues", "--app", "statusq", "--json",
+                             "--timeout", "0.2", stdout=out)
+            data = json.loads(out.getvalue())["statusq"]["queues"]
+            assert (data["transport"], data["supported"], data["error"]) == \
+                ("redis", True, None)
+            assert [(q["name"], q["ready"]) for q in data["queues"]] == [(name, 7)]
+        finally:
+            drop("statusq", queue)
