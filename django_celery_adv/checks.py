@@ -488,22 +488,26 @@ def check_metrics(value: Any) -> list[CheckMessage]:
     defaults = conf.DEFAULTS["METRICS"]
     where = "CELERY_ADV['METRICS']"
     if not isinstance(value, dict):
-        return [_error("E019", f"{where} must be a dict, not {type(value).__name__}.")]
-    messages = [_error("E019", f"{where} has an unknown key {key!r}.",
-                       hint=f"Known keys: {', '.join(sorted(defaults))}.")
+        return [_error("E019", _("%(obj)s must be a dict, not %(type)s.")
+                       % {"obj": where, "type": type(value).__name__})]
+    messages = [_error("E019", _("%(obj)s has an unknown key %(key)s.")
+                       % {"obj": where, "key": repr(key)},
+                       hint=_("Known keys: %(keys)s.") % {"keys": ", ".join(sorted(defaults))})
                 for key in sorted(set(value) - set(defaults))]
     token = value.get("TOKEN")
     if token is not None and not (isinstance(token, str)
                                   and len(token.strip()) >= METRICS_TOKEN_MIN_LENGTH):
         messages.append(_error(
-            "E019", f"{where}['TOKEN'] must be None or a string of at least "
-                    f"{METRICS_TOKEN_MIN_LENGTH} characters.",
-            hint="e.g. os.environ['CELERY_ADV_METRICS_TOKEN'], made with "
-                 "python -c 'import secrets; print(secrets.token_urlsafe(32))'."))
+            "E019", _("%(obj)s['TOKEN'] must be None or a string of at least %(length)d "
+                      "characters.") % {"obj": where, "length": METRICS_TOKEN_MIN_LENGTH},
+            hint=_("e.g. %(example)s") % {
+                "example": "os.environ['CELERY_ADV_METRICS_TOKEN'], made with python -c "
+                           "'import secrets; print(secrets.token_urlsafe(32))'."}))
     timeout = value.get("QUEUE_TIMEOUT", defaults["QUEUE_TIMEOUT"])
     if not (_number(timeout) and timeout > 0):
-        messages.append(_error("E019", f"{where}['QUEUE_TIMEOUT'] is {timeout!r}; expected "
-                                       "a number of seconds > 0."))
+        messages.append(_error("E019", _("%(obj)s['QUEUE_TIMEOUT'] is %(value)s; expected "
+                                         "a number of seconds > 0.")
+                               % {"obj": where, "value": repr(timeout)}))
     return messages
 
 
