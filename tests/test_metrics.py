@@ -230,6 +230,33 @@ def test_a_scrape_sends_no_broadcast(operator_client, seen_workers):
         assert set(sent) == {"ping"}
 
 
+@pytest.mark.workers
+def test_workers_and_active_tasks_come_from_the_stored_reading(operator_client, default_worker):
+    """A real worker running a task: the scrape shows it from the reading the monitor
+    stored, and sends nothing to the worker itself."""
+    from tests.testapp.monitoring_tasks import monitored_sleep
+
+    result = monitored_sleep.apply_async(args=[3])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        worker = monitoring.inspect_all(["default"])["default"].worker(default_worker.name)
+        if worker is not None and (worker.running or 0) >= 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the task never showed up as running ({result.state})")
+    with counting_broadcasts() as sent:
+        found = scrape(operator_client)
+    assert sent == []
+    assert value(found, "celery_adv_worker_up", app="default", worker=default_worker.name) == 1
+    assert value(found, "celery_adv_worker_tasks_active", app="default",
+                 worker=default_worker.name) >= 1
+    assert value(found, "celery_adv_workers_up", app="default") >= 1
+    assert value(found, "celery_adv_tasks_active", app="default") >= 1
+    assert 0 <= value(found, "celery_adv_reading_age_seconds", app="default") < 20
+    result.get(timeout=30)
+
+
 def test_only_our_registry(operator_client):
     scrape(operator_client)
     assert not [name for name in prometheus_client.REGISTRY._names_to_collectors

@@ -209,10 +209,11 @@ def read_workers(scrape: Scrape, aliases: list[str]) -> None:
     now = time.time()
     for alias in aliases:
         try:
-            if last_reading is not None:
-                scrape.readings[alias] = reading = last_reading(alias)
+            reading = last_reading(alias) if last_reading is not None else None
+            if reading is not None:
+                scrape.readings[alias] = reading
                 workers = _workers_of(reading, scrape, alias, now)
-            else:  # before the fleet record: the last-seen cache, names and times only
+            else:  # no reading stored yet: workers known only from signs of life
                 workers = [(name, seen, None) for name, seen in
                            monitoring.load_seen(alias).items()]
         except Exception as e:  # a table not migrated, a cache down: this app's error
