@@ -447,3 +447,65 @@ class TaskRecorderStats(models.Model):
 
     def __str__(self) -> str:
         return f"recorder {self.app_alias}: {self.events_seen} events"
+
+
+class SeenWorker(models.Model):
+    """The seen-workers record: one row per worker of an app, shared by every process.
+
+    Written by each monitoring reading (``monitoring.inspect_all``: the workers
+    that answered, with the values they reported) and by the events recorder
+    (``monitoring.mark_seen`` on a heartbeat: ``last_seen`` only). Read by the
+    next reading (which workers to wait for), by the pages (a silent worker
+    keeps its last values, marked with their age) and by ``/metrics``, which
+    must not broadcast: use ``monitoring.last_reading(alias)``, not this table.
+    Rows silent for ``MONITORING["FORGET_AFTER"]`` seconds are deleted.
+    """
+
+    app_alias = models.CharField("app", max_length=100)
+    hostname = models.CharField(max_length=255)
+    #: Last sign of life: a reply to a reading, or a heartbeat event.
+    last_seen = models.DateTimeField()
+    #: When ``values`` were read (the reading's time); null: known from events only.
+    values_at = models.DateTimeField(null=True, blank=True)
+    #: WorkerStatus fields of that reading (concurrency, queues, active ...), JSON.
+    values = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        verbose_name = "seen worker"
+        constraints = [models.UniqueConstraint(fields=["app_alias", "hostname"],
+                                               name="dca_seenworker_unique")]
+        indexes = [models.Index(fields=["app_alias", "last_seen"], name="dca_seenworker_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.app_alias}: {self.hostname}"
+
+
+class AppReading(models.Model):
+    """The latest monitoring reading of one app, and who is taking the next one.
+
+    One row per app alias. ``read_at`` and the counts describe the reading
+    whose worker values are in :class:`SeenWorker`; ``reader`` /
+    ``reader_until`` is a short claim (set by one conditional UPDATE) so that
+    one process at a time broadcasts to an app while the others wait for its
+    result (``monitoring.shared``).
+    """
+
+    app_alias = models.CharField("app", max_length=100, unique=True)
+    read_at = models.DateTimeField(null=True, blank=True)
+    duration = models.FloatField(default=0.0)
+    reachable = models.BooleanField(default=True)
+    error = models.TextField(blank=True, default="")
+    #: Inspect commands the reading asked, comma-separated.
+    commands = models.CharField(max_length=200, blank=True, default="")
+    unread = models.PositiveIntegerField(default=0)
+    missing = models.PositiveIntegerField(default=0)
+    #: worker -> commands whose reply that reading did not read (expected or answering).
+    unread_by = models.JSONField(default=dict, blank=True)
+    reader = models.CharField(max_length=64, blank=True, default="")
+    reader_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "app reading"
+
+    def __str__(self) -> str:
+        return f"{self.app_alias} at {self.read_at}"

@@ -23,6 +23,8 @@ from tests.workers import ROOT
 
 EXPECTED_QUEUES = {"default": ["celery"], "global": ["global"], "twin": ["twin"]}
 
+pytestmark = pytest.mark.django_db
+
 
 @pytest.fixture(autouse=True)
 def fresh_record():
@@ -50,7 +52,8 @@ def run(*args: str, **options) -> tuple[int, str, str]:
 
 def run_cli(*args: str, settings_module: str = "tests.settings",
             extra_path: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings_module}
+    # The test database: the seen-workers record lives there.
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings_module, "TEST_USE_TEST_DB": "1"}
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, str(ROOT)]))
     return subprocess.run([sys.executable, str(ROOT / "manage.py"), "celery_status", *args],
@@ -82,17 +85,18 @@ def test_default_output_reads_like_inspect_ping_then_a_table(session_workers):
     lines = out.splitlines()
     for alias, worker_process in session_workers.items():
         header = next(i for i, line in enumerate(lines) if line.startswith(f"{alias}: "))
-        assert lines[header + 1] == f"-> {worker_process.name}: OK pong"
+        assert lines[header + 1] == f"-> {worker_process.name}: OK"  # from stats, no ping
         assert lines[header + 2] == "1 node online."
     table = lines[lines.index(next(line for line in lines if line.startswith("app "))):]
-    assert table[0].split() == ["app", "worker", "status", "concurrency", "completed",
+    assert table[0].split() == ["app", "worker", "status", "age", "concurrency", "completed",
                                 "running", "queues"]
     rows = {row.split()[1]: row.split() for row in table[1:]}
     assert set(rows) == {worker.name for worker in session_workers.values()}
     for alias, worker_process in session_workers.items():
         assert rows[worker_process.name][0] == alias
         assert rows[worker_process.name][2] == "online"
-        assert rows[worker_process.name][3] == "2"
+        assert rows[worker_process.name][3] == "now"
+        assert rows[worker_process.name][4] == "2"
         assert rows[worker_process.name][-1] == ",".join(EXPECTED_QUEUES[alias])
 
 
@@ -101,12 +105,12 @@ def test_active_shows_a_running_task(default_worker):
     deadline = time.monotonic() + 15
     out = ""
     while time.monotonic() < deadline and result.id not in out:
-        _, out, _ = run("active", "--app", "default")
+        _, out, _ = run("active", "--app", "default", "--fresh")
 
     assert f"* testapp.monitored_sleep[{result.id}]" in out
     assert SECRET not in out and MASK in out
     row = next(line for line in out.splitlines() if line.startswith("default "))
-    assert row.split()[5] == "1"  # running
+    assert row.split()[6] == "1"  # running
     result.get(timeout=30)
 
 
@@ -160,12 +164,13 @@ def test_configuration_errors_exit_2():
     assert code == 2 and "django_celery_adv.E003" in err
 
 
+@pytest.mark.django_db(transaction=True)  # the subprocess reads the record
 def test_real_process_exit_codes(session_workers, tmp_path):
     """What a container health check sees: the process's own exit status."""
     healthy = run_cli("--timeout", "1")
     assert healthy.returncode == 0, healthy.stderr
     for worker_process in session_workers.values():
-        assert f"-> {worker_process.name}: OK pong" in healthy.stdout
+        assert f"-> {worker_process.name}: OK" in healthy.stdout
 
     (tmp_path / "down_settings.py").write_text(
         "from tests.settings import *  # noqa\n"

@@ -1,4 +1,7 @@
-"""inspect_all() against real workers on Redis and RabbitMQ, and the masking helpers."""
+"""inspect_all() against real workers on Redis and RabbitMQ, and the masking helpers.
+
+The seen-workers record is in the database, so every test here may touch it.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ from django.test import override_settings
 
 from django_celery_adv import monitoring
 from django_celery_adv.masking import MASK, mask_secrets, mask_text, mask_url, url_secrets
-from django_celery_adv.monitoring import Status, forget_workers, inspect_all, save_seen
+from django_celery_adv.monitoring import Status, forget_workers, inspect_all, mark_seen
 from tests.testapp.monitoring_tasks import monitored_sleep
 
 SECRET = "secretpw"
+
+pytestmark = pytest.mark.django_db
 
 
 def closed_port() -> int:
@@ -116,7 +121,8 @@ def test_lists_exactly_the_running_workers_of_each_app(session_workers):
         # Two apps on one Redis database (default, twin) never list each other's worker.
         assert [worker.name for worker in status.workers] == [worker_process.name]
         [worker] = status.workers
-        assert worker.status == Status.ONLINE and worker.ping == "pong"
+        # Liveness from stats: no ping round unless asked for.
+        assert worker.status == Status.ONLINE and worker.ping is None and worker.unread == []
         assert worker.concurrency == 2
         assert worker.queues == expected_queues[alias]
         assert worker.pool == "prefork"
@@ -124,6 +130,7 @@ def test_lists_exactly_the_running_workers_of_each_app(session_workers):
         assert worker.running == 0 and worker.active == []
         assert isinstance(worker.completed, int) and worker.uptime > 0
         assert isinstance(worker.pid, int)
+        assert not status.partial and status.unread == 0 and status.missing == 0
     # RabbitMQ's URL carries the password "guest": shown masked.
     assert ":guest@" not in statuses["global"].broker and MASK in statuses["global"].broker
 
@@ -131,7 +138,7 @@ def test_lists_exactly_the_running_workers_of_each_app(session_workers):
 def test_apps_are_read_concurrently_and_known_workers_end_a_reading_early(session_workers):
     timeout = 1.5
     started = time.monotonic()
-    inspect_all(timeout=timeout)  # discovery: nothing known yet, waits the timeout
+    inspect_all(timeout=timeout, max_age=0)  # discovery: nothing known, waits the timeout
     discovery = time.monotonic() - started
     # Three apps each waiting the timeout: concurrent means ~1x, not 3x.
     assert timeout <= discovery < timeout + monitoring.HARD_GRACE
@@ -139,7 +146,7 @@ def test_apps_are_read_concurrently_and_known_workers_end_a_reading_early(sessio
     timings = []
     for _ in range(5):
         started = time.monotonic()
-        statuses = inspect_all(timeout=timeout)
+        statuses = inspect_all(timeout=timeout, max_age=0)
         timings.append(time.monotonic() - started)
         assert all(len(status.online) == 1 for status in statuses.values())
     # Every known worker answered: no reading waited for its timeout.
@@ -153,7 +160,7 @@ def test_a_running_task_is_listed_with_masked_arguments(default_worker):
     deadline = time.monotonic() + 15
     task = worker = None
     while time.monotonic() < deadline and task is None:
-        worker = inspect_all(["default"])["default"].worker(default_worker.name)
+        worker = inspect_all(["default"], max_age=0)["default"].worker(default_worker.name)
         task = next((t for t in worker.active or [] if t.id == result.id), None)
     assert task is not None, "the task never showed up under active"
 
@@ -166,7 +173,7 @@ def test_a_running_task_is_listed_with_masked_arguments(default_worker):
 
     completed_before = worker.completed
     result.get(timeout=30)
-    after = inspect_all(["default"])["default"].worker(default_worker.name)
+    after = inspect_all(["default"], max_age=0)["default"].worker(default_worker.name)
     assert all(t.id != result.id for t in after.active)
     assert after.completed >= completed_before + 1
 
@@ -238,13 +245,13 @@ def _reading_threads(prefix: str) -> list[str]:
 
 def test_silent_known_workers_are_unknown_not_down(default_worker):
     now = time.time()
-    # The ghost answered the latest reading, like the real worker: it is
-    # expected, so this reading waits its timeout for it, then says "no reply".
-    save_seen("default", {default_worker.name: now - 5, "ghost@nowhere": now - 5,
-                          "old@nowhere": now - 2 * monitoring.OFFLINE_AFTER,
-                          "gone@nowhere": now - 2 * monitoring.FORGET_AFTER})
+    offline_after = monitoring.shared.conf.monitoring("OFFLINE_AFTER")
+    forget_after = monitoring.shared.conf.monitoring("FORGET_AFTER")
+    mark_seen("default", "ghost@nowhere", now - 5)  # e.g. a heartbeat, 5 s ago
+    mark_seen("default", "old@nowhere", now - 2 * offline_after)
+    mark_seen("default", "gone@nowhere", now - 2 * forget_after)
 
-    status = inspect_all(["default"], timeout=0.5)["default"]
+    status = inspect_all(["default"], timeout=0.5, max_age=0)["default"]
 
     by_name = {worker.name: worker for worker in status.workers}
     assert set(by_name) == {default_worker.name, "ghost@nowhere", "old@nowhere"}
@@ -252,19 +259,59 @@ def test_silent_known_workers_are_unknown_not_down(default_worker):
     ghost = by_name["ghost@nowhere"]
     assert ghost.status == Status.NO_REPLY
     assert (ghost.concurrency, ghost.completed, ghost.running, ghost.queues) == (None,) * 4
+    assert ghost.values_at is None  # never read: nothing to show, not "0"
     assert by_name["old@nowhere"].status == Status.OFFLINE
-    assert status.healthy  # one online worker is enough
+    # Known from heartbeats only, they were not waited for: the reading is complete.
+    assert not status.partial and status.healthy
 
     with with_down_apps():
-        save_seen("down_redis", {"ghost@nowhere": now})
-        down = inspect_all(["down_redis"], timeout=0.5)["down_redis"]
+        mark_seen("down_redis", "ghost@nowhere", now)
+        down = inspect_all(["down_redis"], timeout=0.5, max_age=0)["down_redis"]
     assert [(w.name, w.status) for w in down.workers] == [("ghost@nowhere", Status.UNKNOWN)]
+
+
+def test_a_worker_that_stops_answering_keeps_its_last_values(default_worker):
+    """The record says which workers answered the last reading; one of them
+    silent now is waited for, counted as missing, and keeps its values."""
+    first = inspect_all(["default"], max_age=0)["default"]
+    real = first.worker(default_worker.name)
+    # Impersonate a second worker of that reading: same values, another name.
+    from django_celery_adv.models import SeenWorker
+    row = SeenWorker.objects.get(app_alias="default", hostname=default_worker.name)
+    SeenWorker.objects.create(app_alias="default", hostname="busy@nowhere",
+                              last_seen=row.last_seen, values_at=row.values_at,
+                              values=row.values)
+
+    started = time.monotonic()
+    status = inspect_all(["default"], timeout=0.6, max_age=0)["default"]
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.6  # the silent expected worker was waited for
+    busy = status.worker("busy@nowhere")
+    assert busy.status == Status.NO_REPLY
+    assert busy.concurrency == real.concurrency == 2 and busy.queues == ["celery"]
+    assert busy.values_at == first.read_at < status.read_at  # marked with its age
+    assert set(busy.unread) == set(monitoring.COMMANDS) and busy.not_read("concurrency")
+    assert status.partial and status.missing == 1 and status.unread == len(monitoring.COMMANDS)
+    assert status.unread_by == {"busy@nowhere": sorted(monitoring.COMMANDS, key=list(
+        monitoring.COMMANDS).index)}
+    # Seen within the window: tolerated; not if the window is shorter than its silence.
+    assert status.problem(window=60) is None
+    assert status.problem(window=0).startswith("partial reading: 3 replies not read")
+    assert status.problem(window=0, allow_partial=True) is None
+
+    # The next reading no longer waits for it (it did not answer the last one).
+    started = time.monotonic()
+    again = inspect_all(["default"], timeout=0.6, max_age=0)["default"]
+    assert time.monotonic() - started < 0.5
+    assert again.worker("busy@nowhere").concurrency == 2 and not again.partial
 
 
 def test_as_dict_is_json_ready(default_worker):
     import json
 
     data = inspect_all(["default"])["default"].as_dict()
+    assert data["partial"] is False and data["unread"] == 0
 
     assert json.loads(json.dumps(data))["workers"][0]["name"] == default_worker.name
     assert data["workers"][0]["status"] == "online"

@@ -10,8 +10,19 @@ one workers table; ``--json`` prints the readings instead.
 broker asked); ``--require-beat`` adds it to any other reading and to the exit
 status.
 
+The reading is the shared one (:func:`~django_celery_adv.monitoring.inspect_all`):
+one younger than ``MONITORING["READING_MAX_AGE"]`` taken by another process
+or page is reused (``--fresh`` broadcasts anyway). Liveness comes from
+``stats``; no separate ``ping`` round is sent. In the text output ``?`` is a
+field the worker did not send, ``unread`` one whose reply was not read; a
+silent worker shows its last known values with their age.
+
 Exit status, so it serves as a container health check: 0 when every app's
-broker answered and at least one of its workers is online (``beat``: when each
+broker answered, at least one of its workers is online or silent but seen
+within ``MONITORING["SILENT_WINDOW"]`` seconds (a busy prefork worker stops
+answering inspect), and the reading is complete -- a ``partial`` reading
+(replies asked for and not read, other than those of such silent workers) is
+unhealthy unless ``--allow-partial`` (``beat``: when each
 app has a beat leader whose last tick is at most 3 max intervals old; both with
 ``--require-beat``), 1 otherwise, 2 for a configuration error (an unknown
 alias, a system-check error, a bad option). Broker passwords never appear in
@@ -30,7 +41,9 @@ from django.core.management.base import (
     SystemCheckError,
 )
 from django.db import DatabaseError
+from django.utils import timezone
 
+from django_celery_adv import conf
 from django_celery_adv.beat.health import AppBeatHealth, app_health
 from django_celery_adv.exceptions import CeleryAdvError
 from django_celery_adv.management.queue_status import queues_json, write_queues
@@ -39,11 +52,31 @@ from django_celery_adv.queues import read_queues
 from django_celery_adv.registry import apps
 
 UNKNOWN = "?"
-TABLE_COLUMNS = ("app", "worker", "status", "concurrency", "completed", "running", "queues")
+#: A field whose reply was not read in this reading (not the same as "not sent": ``?``).
+NOT_READ = "unread"
+TABLE_COLUMNS = ("app", "worker", "status", "age", "concurrency", "completed", "running",
+                 "queues")
 
 
 def _value(value: Any) -> str:
     return UNKNOWN if value is None else str(value)
+
+
+def _field(worker: WorkerStatus, name: str, text: str | None = None) -> str:
+    """A worker's field: its value, ``unread`` if its reply was not read, else ``?``."""
+    value = getattr(worker, name)
+    if value is not None:
+        return str(value) if text is None else text
+    return NOT_READ if worker.not_read(name) else UNKNOWN
+
+
+def _age(worker: WorkerStatus, status: AppStatus) -> str:
+    """How old the shown values are: ``now`` when read in this reading."""
+    if worker.values_at is None:
+        return "-"
+    if worker.values_at == status.read_at:
+        return "now"
+    return f"{_duration(worker.values_age(status.read_at))} ago"
 
 
 def _duration(seconds: float | None) -> str:
@@ -73,6 +106,12 @@ class Command(BaseCommand):
                             help="Seconds to wait for replies (default: INSPECT_TIMEOUT).")
         parser.add_argument("--json", action="store_true", dest="as_json",
                             help="Print the readings as JSON.")
+        parser.add_argument("--allow-partial", action="store_true",
+                            help="A partial reading (replies not read in time) is still "
+                                 "healthy for the exit status.")
+        parser.add_argument("--fresh", action="store_true",
+                            help="Broadcast now instead of reusing a reading younger than "
+                                 "MONITORING['READING_MAX_AGE'].")
         parser.add_argument("--require-beat", action="store_true",
                             help="Also read beat health; exit 1 when an app has no beat "
                                  "leader or its last tick is older than 3 max intervals.")
@@ -87,7 +126,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, what: str, aliases: list[str] | None,
                timeout: float | None, as_json: bool, require_beat: bool = False,
-               **options: Any) -> None:
+               allow_partial: bool = False, fresh: bool = False, **options: Any) -> None:
         if timeout is not None and not timeout > 0:
             raise CommandError("--timeout must be a positive number of seconds", returncode=2)
         unknown = [alias for alias in aliases or [] if alias not in apps]
@@ -99,15 +138,19 @@ class Command(BaseCommand):
             self.handle_beat(aliases or list(apps), as_json)
             return
         try:
-            statuses = inspect_all(aliases, timeout=timeout)
+            statuses = inspect_all(aliases, timeout=timeout, max_age=0 if fresh else None)
         except CeleryAdvError as e:  # an app whose settings cannot be built
             raise CommandError(str(e), returncode=2) from e
         beats = self.read_beats(list(statuses)) if require_beat else {}
+        window = float(conf.monitoring("SILENT_WINDOW"))
+        problems = {alias: status.problem(allow_partial=allow_partial, window=window)
+                    for alias, status in statuses.items()}
         # Message counts per queue; the reading above says what workers consume.
         depths = read_queues(statuses, statuses=statuses) if what == "queues" else {}
 
         if as_json:
-            data = {alias: status.as_dict() for alias, status in statuses.items()}
+            data = {alias: {**status.as_dict(), "problem": problems[alias]}
+                    for alias, status in statuses.items()}
             for alias, health in beats.items():
                 data[alias]["beat"] = health.as_dict()
             for alias, reading in depths.items():
@@ -122,9 +165,7 @@ class Command(BaseCommand):
             for health in beats.values():
                 self.write_beat(health)
 
-        unhealthy = [
-            f"{status.alias} ({'no worker online' if status.reachable else 'unreachable'})"
-            for status in statuses.values() if not status.healthy]
+        unhealthy = [f"{alias} ({problem})" for alias, problem in problems.items() if problem]
         unhealthy += [f"{health.alias} ({health.problem})" for health in beats.values()
                       if not health.healthy]
         if unhealthy:
@@ -185,27 +226,43 @@ class Command(BaseCommand):
             f"{status.alias}: {status.broker} (read in {status.duration * 1000:.0f} ms)"))
         if not status.reachable:
             self.stdout.write(self.style.ERROR(f"Error: {status.error}"))
+        if status.shared:
+            self.stdout.write(f"(reading shared: taken {status.duration * 1000:.0f} ms long, "
+                              f"{_duration((timezone.now() - status.read_at).total_seconds())}"
+                              " ago by another view or process)")
+        if status.partial:
+            self.stdout.write(self.style.WARNING(
+                f"PARTIAL: {status.unread} repl{'y' if status.unread == 1 else 'ies'} not read "
+                f"in time; {status.missing} expected worker"
+                f"{'' if status.missing == 1 else 's'} sent nothing."))
         for worker in status.workers:
-            self.write_worker(worker, what)
+            self.write_worker(worker, what, status)
         online = len(status.online)
         self.stdout.write(f"{online} node{'' if online == 1 else 's'} online.")
         self.stdout.write("")
 
-    def write_worker(self, worker: WorkerStatus, what: str) -> None:
+    def write_worker(self, worker: WorkerStatus, what: str, status: AppStatus) -> None:
         if not worker.online:
             seen = worker.last_seen.strftime("%Y-%m-%d %H:%M:%S UTC") if worker.last_seen \
                 else UNKNOWN
+            values = "" if worker.values_at is None else \
+                f", last values {_age(worker, status)}"
             self.stdout.write(self.style.WARNING(
-                f"-> {worker.name}: {worker.status} (last seen {seen})"))
+                f"-> {worker.name}: {worker.status} (last seen {seen}{values})"))
             return
+        if worker.unread:
+            self.stdout.write(f"-> {worker.name}: " + self.style.WARNING(
+                f"OK, replies not read: {', '.join(worker.unread)}"))
         if what == "ping":
-            self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS(
-                f"OK {worker.ping}" if worker.ping else "OK"))
+            if not worker.unread:
+                self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS(
+                    f"OK {worker.ping}" if worker.ping else "OK"))
             return
-        self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS("OK"))
+        if not worker.unread:
+            self.stdout.write(f"-> {worker.name}: " + self.style.SUCCESS("OK"))
         if what == "active":
             if worker.active is None:
-                self.stdout.write(f"    {UNKNOWN} (no reply to active)")
+                self.stdout.write(f"    {_field(worker, 'active')} (no reply to active)")
             elif not worker.active:
                 self.stdout.write("    - empty -")
             for task in worker.active or []:
@@ -214,15 +271,15 @@ class Command(BaseCommand):
                     f"    * {task.name}[{task.id}] args={task.args} kwargs={task.kwargs} "
                     f"pid={_value(task.worker_pid)} runtime={runtime}")
         elif what == "stats":
-            for label, value in (
-                    ("pool", worker.pool), ("concurrency", worker.concurrency),
-                    ("completed", worker.completed), ("running", worker.running),
-                    ("prefetch", worker.prefetch), ("pid", worker.pid),
-                    ("uptime", _duration(worker.uptime))):
-                self.stdout.write(f"    {label}: {_value(value)}")
+            for label, name in (
+                    ("pool", "pool"), ("concurrency", "concurrency"),
+                    ("completed", "completed"), ("running", "running"),
+                    ("prefetch", "prefetch"), ("pid", "pid")):
+                self.stdout.write(f"    {label}: {_field(worker, name)}")
+            self.stdout.write(f"    uptime: {_field(worker, 'uptime', _duration(worker.uptime))}")
         elif what == "queues":
             if worker.queues is None:
-                self.stdout.write(f"    {UNKNOWN} (no reply to active_queues)")
+                self.stdout.write(f"    {_field(worker, 'queues')} (no reply to active_queues)")
             for queue in worker.queues or []:
                 self.stdout.write(f"    * {queue}")
 
@@ -231,9 +288,9 @@ class Command(BaseCommand):
         for status in statuses:
             for worker in status.workers:
                 rows.append((status.alias, worker.name, str(worker.status),
-                             _value(worker.concurrency), _value(worker.completed),
-                             _value(worker.running),
-                             UNKNOWN if worker.queues is None else ",".join(worker.queues)))
+                             _age(worker, status), _field(worker, "concurrency"),
+                             _field(worker, "completed"), _field(worker, "running"),
+                             _field(worker, "queues", ",".join(worker.queues or ()))))
         if len(rows) == 1:
             self.stdout.write("No workers.")
             return

@@ -1,0 +1,194 @@
+"""The seen-workers record in the database: what every process knows about an app's workers.
+
+Tables: :class:`~django_celery_adv.models.SeenWorker` (a row per worker: last
+sign of life, last values) and :class:`~django_celery_adv.models.AppReading`
+(a row per app: the latest reading and the reader claim). In the database,
+not the Django cache, so a fresh ``celery_status`` process knows which
+workers to wait for without a shared cache, and ``/metrics`` reads the last
+values without broadcasting.
+
+Cost: loading an app's record is two queries whatever the number of workers;
+saving a reading is one bulk upsert (batches of 500 rows), one UPDATE and
+one DELETE of the forgotten rows. Every function raises Django's
+``DatabaseError`` on a database problem; :mod:`.shared` falls back to process
+memory then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, connection, models, transaction
+
+from .. import conf
+from ..models import AppReading, SeenWorker
+from .readings import AppStatus, Status, WorkerStatus, worker_from_values
+
+#: Rows per INSERT of the bulk upsert.
+BATCH_SIZE = 500
+
+
+@dataclass
+class Seen:
+    """One SeenWorker row."""
+
+    last_seen: datetime
+    values_at: datetime | None
+    values: dict[str, Any]
+
+
+@dataclass
+class Record:
+    """An app's record: its latest reading (None if never read) and its workers."""
+
+    alias: str
+    reading: dict[str, Any] | None = None
+    workers: dict[str, Seen] = field(default_factory=dict)
+
+    @property
+    def read_at(self) -> datetime | None:
+        return self.reading["read_at"] if self.reading else None
+
+    def expected(self) -> set[str]:
+        """The workers that answered the latest reading: the next one waits for them."""
+        read_at = self.read_at
+        if read_at is None:
+            return set()
+        return {name for name, seen in self.workers.items() if seen.values_at == read_at}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def load(alias: str) -> Record:
+    """The record of ``alias``: two queries, workers forgotten after FORGET_AFTER left out."""
+    since = now() - timedelta(seconds=conf.monitoring("FORGET_AFTER"))
+    reading = AppReading.objects.filter(app_alias=alias).values(
+        "read_at", "duration", "reachable", "error", "commands", "unread", "missing",
+        "unread_by").first()
+    rows = SeenWorker.objects.filter(app_alias=alias, last_seen__gte=since).values_list(
+        "hostname", "last_seen", "values_at", "values")
+    return Record(alias, reading if reading and reading["read_at"] else None,
+                  {name: Seen(seen, at, values if isinstance(values, dict) else {})
+                   for name, seen, at, values in rows})
+
+
+def save(status: AppStatus) -> None:
+    """Store a fresh reading: its answering workers' values and its summary; release the claim."""
+    rows = [SeenWorker(app_alias=status.alias, hostname=worker.name,
+                       last_seen=worker.last_seen or status.read_at,
+                       values_at=status.read_at, values=worker.values())
+            for worker in status.workers if worker.values_at == status.read_at]
+    upsert = {"update_conflicts": True, "update_fields": ["last_seen", "values_at", "values"]}
+    if connection.features.supports_update_conflicts_with_target:
+        upsert["unique_fields"] = ["app_alias", "hostname"]
+    with transaction.atomic():
+        if rows:
+            SeenWorker.objects.bulk_create(rows, batch_size=BATCH_SIZE, **upsert)
+        summary = {"read_at": status.read_at, "duration": status.duration,
+                   "reachable": status.reachable, "error": status.error or "",
+                   "commands": ",".join(status.commands), "unread": status.unread,
+                   "missing": status.missing, "unread_by": status.unread_by,
+                   "reader": "", "reader_until": None}
+        if not AppReading.objects.filter(app_alias=status.alias).update(**summary):
+            try:
+                with transaction.atomic():
+                    AppReading.objects.create(app_alias=status.alias, **summary)
+            except IntegrityError:  # created meanwhile by another process
+                AppReading.objects.filter(app_alias=status.alias).update(**summary)
+        forget_before = now() - timedelta(seconds=conf.monitoring("FORGET_AFTER"))
+        SeenWorker.objects.filter(app_alias=status.alias, last_seen__lt=forget_before).delete()
+
+
+def claim(alias: str, token: str, seconds: float) -> bool:
+    """Become the one reader of ``alias`` for ``seconds`` unless someone else is (one UPDATE)."""
+    moment = now()
+    free = models.Q(reader_until__isnull=True) | models.Q(reader_until__lt=moment)
+    until = moment + timedelta(seconds=seconds)
+    if AppReading.objects.filter(free, app_alias=alias).update(reader=token, reader_until=until):
+        return True
+    if AppReading.objects.filter(app_alias=alias).exists():
+        return False
+    try:
+        with transaction.atomic():
+            AppReading.objects.create(app_alias=alias, reader=token, reader_until=until)
+        return True
+    except IntegrityError:  # another process created it first, and holds it
+        return False
+
+
+def release(alias: str, token: str) -> None:
+    AppReading.objects.filter(app_alias=alias, reader=token).update(reader="",
+                                                                     reader_until=None)
+
+
+def reading_state(alias: str) -> tuple[datetime | None, datetime | None]:
+    """(read_at, reader_until) of ``alias``: what a process waiting for a reader polls."""
+    row = AppReading.objects.filter(app_alias=alias).values_list("read_at",
+                                                                  "reader_until").first()
+    return row if row else (None, None)
+
+
+def mark_seen_many(alias: str, seen: Mapping[str, datetime]) -> None:
+    """Record a sign of life (a heartbeat) of several workers; never moves one back in time."""
+    for hostname, when in seen.items():
+        updated = SeenWorker.objects.filter(app_alias=alias, hostname=hostname,
+                                            last_seen__lt=when).update(last_seen=when)
+        if updated or SeenWorker.objects.filter(app_alias=alias, hostname=hostname).exists():
+            continue
+        try:
+            with transaction.atomic():
+                SeenWorker.objects.create(app_alias=alias, hostname=hostname, last_seen=when)
+        except IntegrityError:  # created meanwhile (a reading or another recorder)
+            SeenWorker.objects.filter(app_alias=alias, hostname=hostname,
+                                      last_seen__lt=when).update(last_seen=when)
+
+
+def forget(aliases: Iterable[str]) -> None:
+    aliases = list(aliases)
+    SeenWorker.objects.filter(app_alias__in=aliases).delete()
+    AppReading.objects.filter(app_alias__in=aliases).delete()
+
+
+# -- a status from the record -------------------------------------------------------------
+
+def silent_status(seen_at: datetime | None, at: datetime, reachable: bool) -> Status:
+    if not reachable:
+        return Status.UNKNOWN
+    if seen_at is not None and (at - seen_at).total_seconds() <= conf.monitoring("OFFLINE_AFTER"):
+        return Status.NO_REPLY
+    return Status.OFFLINE
+
+
+def silent_workers(record: Record, at: datetime, reachable: bool, commands: list[str],
+                   skip: Iterable[str] = ()) -> list[WorkerStatus]:
+    """The record's workers not in ``skip``, as silent now: last values kept, with their age."""
+    skip = set(skip)
+    return [worker_from_values(name, silent_status(seen.last_seen, at, reachable), seen.values,
+                               seen.last_seen, seen.values_at, list(commands))
+            for name, seen in record.workers.items() if name not in skip]
+
+
+def status_from_record(record: Record, broker: str) -> AppStatus | None:
+    """The latest reading of ``record``'s app as stored (``shared=True``), or None if none."""
+    reading = record.reading
+    if reading is None:
+        return None
+    read_at = reading["read_at"]
+    commands = [c for c in reading["commands"].split(",") if c]
+    unread_by = reading["unread_by"] if isinstance(reading["unread_by"], dict) else {}
+    answered = {name for name, seen in record.workers.items() if seen.values_at == read_at}
+    workers = [worker_from_values(name, Status.ONLINE, seen.values, seen.last_seen,
+                                  seen.values_at, list(unread_by.get(name, ())))
+               for name, seen in record.workers.items() if name in answered]
+    workers += silent_workers(record, read_at, reading["reachable"], commands, skip=answered)
+    workers.sort(key=lambda worker: worker.name)
+    return AppStatus(alias=record.alias, broker=broker, reachable=reading["reachable"],
+                     error=reading["error"] or None, workers=workers, read_at=read_at,
+                     duration=reading["duration"], commands=commands,
+                     unread=reading["unread"], missing=reading["missing"],
+                     unread_by=unread_by, shared=True)
