@@ -144,6 +144,17 @@ def _read_redis(connection: Connection, reading: AppQueues) -> None:
     reading.unacked = int(sizes[-1])
 
 
+def _check_redis_lists(channel: Any, queue: str) -> None:
+    """Refuse a name whose keys are not lists: kombu's purge would delete them."""
+    with channel.client.pipeline(transaction=False) as pipe:
+        for key in _redis_keys(channel, queue):
+            pipe.type(channel.global_keyprefix + key)  # TYPE is not among kombu's prefixed
+        kinds = {kind.decode() if isinstance(kind, bytes) else str(kind)
+                 for kind in pipe.execute()}
+    if kinds - {"list", "none"}:
+        raise BrokerError(f"{queue!r} is not a queue on this Redis database")
+
+
 def _read_amqp(connection: Connection, reading: AppQueues) -> None:
     for queue in reading.queues:
         # A passive declare of a missing queue closes the channel (404), so
@@ -158,6 +169,12 @@ def _read_amqp(connection: Connection, reading: AppQueues) -> None:
         finally:
             with contextlib.suppress(Exception):
                 channel.close()
+
+
+def known_queues(alias: str, status: AppStatus | None = None) -> list[str]:
+    """The queues of the app's settings plus those its workers consume in ``status``."""
+    return list(dict.fromkeys([*configured_queues(apps[alias]),
+                               *sorted(consumed_queues(status))]))
 
 
 def read_app(alias: str, status: AppStatus | None = None, timeout: float | None = None,
@@ -249,7 +266,11 @@ def purge_queue(alias: str, queue: str, timeout: float | None = None) -> int:
     with bounded_connection(app, timeout) as connection:
         channel = connection.channel()
         try:
+            if transport == REDIS:
+                _check_redis_lists(channel, queue)
             return int(channel.queue_purge(queue=queue) or 0)
+        except BrokerError:
+            raise
         except connection.channel_errors as e:
             raise BrokerError(f"no queue {queue!r} on the broker ({masked_error(app, e)})") \
                 from e

@@ -234,3 +234,18 @@ def test_shutdown_confirms_then_stops_the_real_worker(client, ops_worker):
     assert response.redirect_chain[-1][0] == workers_page
     assert wait_for(lambda: ops_worker.process.poll() is not None, timeout=20)
     assert logged(f"default/worker:{ops_worker.name}")[-1].startswith("shutdown(")
+
+
+def test_purge_is_only_for_a_queue_of_the_app(client):
+    server = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"hops-hash-{uuid.uuid4().hex[:8]}"
+    server.hset(key, "field", "value")
+    try:
+        client.force_login(make_user("purger", "view_monitoring", "purge_queue"))
+        for send in (client.get, client.post):
+            assert send(reverse(PURGE_URL), {"app": "default", "queue": key}).status_code == 404
+            assert send(reverse(PURGE_URL), {"app": "nope", "queue": "celery"}).status_code \
+                == 404
+        assert server.hget(key, "field") == b"value" and not LogEntry.objects.exists()
+    finally:
+        server.delete(key)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from io import StringIO
@@ -203,3 +205,43 @@ def test_celery_status_queues_text_and_json(tmp_path):
             assert [(q["name"], q["ready"]) for q in data["queues"]] == [(name, 7)]
         finally:
             drop("statusq", queue)
+
+
+def test_purge_refuses_a_redis_key_that_is_not_a_queue():
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"hops-hash-{uuid.uuid4().hex[:8]}"
+    client.hset(key, "field", "value")
+    try:
+        with pytest.raises(BrokerError, match="is not a queue"):
+            purge_queue("default", key)
+        assert client.hget(key, "field") == b"value"
+    finally:
+        client.delete(key)
+
+
+def test_a_broker_that_accepts_and_stalls_is_an_error_within_the_timeout():
+    from django_celery_adv.control import pool_grow
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
+                     daemon=True).start()
+    try:
+        with with_apps(stall_amqp={"broker_url": f"amqp://u:{SECRET}@127.0.0.1:{port}//"},
+                       stall_redis={"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"}):
+            started = time.monotonic()
+            readings = read_queues(["stall_amqp", "stall_redis"], timeout=0.5)
+            assert time.monotonic() - started < 2.5
+            for reading in readings.values():
+                assert reading.error and SECRET not in reading.error
+            started = time.monotonic()
+            reply = pool_grow("stall_redis", "w@h")
+            assert time.monotonic() - started < 2.5
+            assert not reply.ok and "Timeout" in reply.message and SECRET not in reply.message
+    finally:
+        server.close()
+        for sock in held:
+            sock.close()

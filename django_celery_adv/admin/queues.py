@@ -31,7 +31,7 @@ from django.utils.translation import gettext_lazy
 
 from ..exceptions import BrokerError
 from ..monitoring import inspect_all
-from ..queues import purge_queue, read_app, read_queues
+from ..queues import known_queues, purge_queue, read_app, read_queues
 from ..registry import apps
 from .oplog import log_operator_action
 
@@ -81,7 +81,8 @@ class QueuePages:
             raise PermissionDenied
         data = request.POST if request.method == "POST" else request.GET
         alias, queue = data.get("app", ""), data.get("queue", "")
-        if alias not in apps or not queue:
+        # Only a queue of the app: kombu's purge deletes whatever keys the name maps to.
+        if alias not in apps or queue not in known_queues(alias, inspect_all([alias])[alias]):
             raise Http404(_("No such app or queue."))
         back = HttpResponseRedirect(self.model_admin._url("queues"))
         if request.method == "POST":
