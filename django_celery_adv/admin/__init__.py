@@ -10,6 +10,6 @@ Importing the package registers all three on the default admin site (Django's
 area's holder reading, nothing imports ``monitoring``, so there is no cycle.
 """
 
-from . import beat, failures, locks, monitoring
+from . import beat, failures, locks, monitoring, tasks  # noqa: F401  (tasks: the Tasks page)
 
 __all__ = ["beat", "failures", "locks", "monitoring"]

@@ -10,9 +10,11 @@ page, and the one editable field is ``resolved``.
 from __future__ import annotations
 
 import datetime
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
@@ -57,10 +59,11 @@ class TaskFailureAdmin(admin.ModelAdmin):
     readonly_fields = ["task_name", "exception_type", "location", "app_alias", "count",
                        "first_seen", "last_seen", "resolved_at", "last_task_id",
                        "last_hostname", "last_message", "last_args", "last_kwargs",
-                       "traceback", "chart", "fingerprint"]
+                       "traceback", "chart", "fingerprint", "task_records"]
     fieldsets = [
         (None, {"fields": ["task_name", "exception_type", "location", "app_alias", "count",
-                           "first_seen", "last_seen", "resolved", "resolved_at"]}),
+                           "first_seen", "last_seen", "resolved", "resolved_at",
+                           "task_records"]}),
         ("Failures per day", {"fields": ["chart"]}),
         ("Last occurrence", {"fields": ["last_task_id", "last_hostname", "last_message",
                                         "last_args", "last_kwargs", "traceback"]}),
@@ -69,6 +72,15 @@ class TaskFailureAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.display(description="task records")
+    def task_records(self, obj: TaskFailure) -> str:
+        # The event recorder's history of this task's failures, and of the newest one.
+        changelist = reverse("admin:django_celery_adv_taskrecord_changelist")
+        return format_html('<a href="{}?{}">all failed runs</a> · <a href="{}?q={}">the last '
+                           'one</a>', changelist,
+                           urlencode({"name": obj.task_name, "state__exact": "FAILURE"}),
+                           changelist, obj.last_task_id)
 
     @admin.display(description="exception", ordering="exception_type")
     def exception_name(self, obj: TaskFailure) -> str:
