@@ -18,8 +18,8 @@ LOCK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 def validate_lock_name(name: str) -> None:
     if not LOCK_NAME_RE.match(name) or name in (".", ".."):
         raise ValidationError(
-            "%(name)r is not a valid lock name: use 1-200 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit.", params={"name": name})
+            _("%(name)r is not a valid lock name: use 1-200 letters, digits, '.', '_' or '-', "
+              "starting with a letter or digit."), params={"name": name})
 
 
 class LockFence(models.Model):
@@ -34,7 +34,7 @@ class LockFence(models.Model):
     last_token = models.BigIntegerField(default=0)
 
     class Meta:
-        verbose_name = "lock fencing counter"
+        verbose_name = _("lock fencing counter")
 
     def __str__(self) -> str:
         return f"{self.name}: {self.last_token}"
@@ -53,7 +53,7 @@ class LockLease(models.Model):
     expires_at = models.DateTimeField(db_index=True)
 
     class Meta:
-        verbose_name = "lock lease"
+        verbose_name = _("lock lease")
         constraints = [
             models.UniqueConstraint(fields=["name", "slot"], name="dca_lease_unique_slot"),
         ]
@@ -113,33 +113,34 @@ class LockDefinition(models.Model):
     """
 
     class OnBusy(models.TextChoices):
-        RETRY = "retry", "retry later"
-        DROP = "drop", "drop the call"
+        RETRY = "retry", _("retry later")
+        DROP = "drop", _("drop the call")
 
     name = models.CharField(
         max_length=200, unique=True, validators=[validate_lock_name],
-        help_text="Letters, digits and . _ - only; the same key on every backend.")
+        help_text=_("Letters, digits and . _ - only; the same key on every backend."))
     backend = models.CharField(max_length=100, default="default")
     capacity = models.PositiveIntegerField(
-        default=1, help_text="How many may hold it at once; 0 pauses it (nothing new granted).")
+        default=1,
+        help_text=_("How many may hold it at once; 0 pauses it (nothing new granted)."))
     ttl = models.FloatField(
-        "lease TTL (s)", default=LockDefault("TTL"), validators=[MinValueValidator(1)],
-        help_text="A holder that stops renewing loses its slot after this many seconds.")
-    retry_countdown = models.FloatField("retry countdown (s)",
+        _("lease TTL (s)"), default=LockDefault("TTL"), validators=[MinValueValidator(1)],
+        help_text=_("A holder that stops renewing loses its slot after this many seconds."))
+    retry_countdown = models.FloatField(_("retry countdown (s)"),
                                         default=LockDefault("RETRY_COUNTDOWN"),
                                         validators=[MinValueValidator(0)])
-    retry_jitter = models.FloatField("retry jitter (s)", default=LockDefault("RETRY_JITTER"),
+    retry_jitter = models.FloatField(_("retry jitter (s)"), default=LockDefault("RETRY_JITTER"),
                                      validators=[MinValueValidator(0)])
     retry_backoff = models.BooleanField(
         default=LockDefault("RETRY_BACKOFF"),
-        help_text="Double the countdown with each retry (capped at 10x).")
+        help_text=_("Double the countdown with each retry (capped at 10x)."))
     wait = models.FloatField(
-        "wait in the worker (s)", default=LockDefault("WAIT"),
+        _("wait in the worker (s)"), default=LockDefault("WAIT"),
         validators=[MinValueValidator(0)],
-        help_text="How long a busy task polls for a slot before going back to the queue.")
+        help_text=_("How long a busy task polls for a slot before going back to the queue."))
     max_retries = models.PositiveIntegerField(
         blank=True, null=True, default=LockDefault("MAX_RETRIES"),
-        help_text="Lock retries before LockUnavailable; empty = forever.")
+        help_text=_("Lock retries before LockUnavailable; empty = forever."))
     on_busy = models.CharField(max_length=10, choices=OnBusy.choices, default=OnBusy.RETRY)
     beat_on_busy = models.CharField(
         _("at beat, when busy"), max_length=10, blank=True, default="",
@@ -164,7 +165,8 @@ class LockDefinition(models.Model):
         from . import conf
 
         if self.backend not in conf.lock_backend_settings():
-            raise ValidationError({"backend": f"Unknown lock backend {self.backend!r}."})
+            raise ValidationError({"backend": _("Unknown lock backend %(backend)s.")
+                                   % {"backend": repr(self.backend)}})
 
 
 class LockDefinitionChange(models.Model):
@@ -175,7 +177,7 @@ class LockDefinitionChange(models.Model):
     version = models.BigIntegerField(default=0)
 
     class Meta:
-        verbose_name = "lock definition change tracker"
+        verbose_name = _("lock definition change tracker")
 
     def __str__(self) -> str:
         return f"lock definitions, version {self.version}"
@@ -210,8 +212,8 @@ class Monitoring(models.Model):
             ("set_task_time_limit", "Can set a task's time limits on a worker"),
             ("shutdown_worker", "Can shut down a worker"),
         ]
-        verbose_name = "Celery monitoring"
-        verbose_name_plural = "Celery monitoring"
+        verbose_name = _("Celery monitoring")
+        verbose_name_plural = _("Celery monitoring")
 
     def __str__(self) -> str:
         return "Celery monitoring"
@@ -229,11 +231,11 @@ class TaskFailure(models.Model):
 
     fingerprint = models.CharField(max_length=64, unique=True)
     task_name = models.CharField(max_length=255, db_index=True)
-    exception_type = models.CharField("exception", max_length=255, db_index=True)
+    exception_type = models.CharField(_("exception"), max_length=255, db_index=True)
     location = models.CharField(
         max_length=500, blank=True,
-        help_text="Innermost frame of project code: file:function.")
-    app_alias = models.CharField("app", max_length=100, blank=True, db_index=True)
+        help_text=_("Innermost frame of project code: file:function."))
+    app_alias = models.CharField(_("app"), max_length=100, blank=True, db_index=True)
     count = models.PositiveBigIntegerField(default=0)
     first_seen = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
@@ -242,13 +244,13 @@ class TaskFailure(models.Model):
     last_task_id = models.CharField(max_length=255, blank=True)
     last_args = models.TextField(blank=True)
     last_kwargs = models.TextField(blank=True)
-    last_hostname = models.CharField("worker", max_length=255, blank=True)
+    last_hostname = models.CharField(_("worker"), max_length=255, blank=True)
     resolved = models.BooleanField(default=False, db_index=True)
     resolved_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-last_seen"]
-        verbose_name = "task failure"
+        verbose_name = _("task failure")
 
     def __str__(self) -> str:
         return f"{self.task_name}: {self.exception_type.rpartition('.')[2]}"
@@ -262,8 +264,8 @@ class TaskFailureDay(models.Model):
     count = models.PositiveIntegerField(default=0)
 
     class Meta:
-        verbose_name = "task failures per day"
-        verbose_name_plural = "task failures per day"
+        verbose_name = _("task failures per day")
+        verbose_name_plural = _("task failures per day")
         constraints = [
             models.UniqueConstraint(fields=["failure", "day"], name="dca_failure_day_unique"),
         ]
@@ -281,27 +283,27 @@ class BeatNode(models.Model):
     """
 
     class Role(models.TextChoices):
-        LEADER = "leader", "leader"
-        STANDBY = "standby", "standby"
+        LEADER = "leader", _("leader")
+        STANDBY = "standby", _("standby")
 
-    app_alias = models.CharField("app", max_length=100, db_index=True)
+    app_alias = models.CharField(_("app"), max_length=100, db_index=True)
     hostname = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
     role = models.CharField(max_length=10, choices=Role.choices, default=Role.STANDBY)
-    token = models.BigIntegerField("fencing token", null=True, blank=True)
+    token = models.BigIntegerField(_("fencing token"), null=True, blank=True)
     leader_since = models.DateTimeField(null=True, blank=True)
     lock_backend = models.CharField(max_length=100, blank=True)
-    max_interval = models.FloatField("max interval (s)", default=0)
+    max_interval = models.FloatField(_("max interval (s)"), default=0)
     started_at = models.DateTimeField()
     last_tick = models.DateTimeField(db_index=True)
-    tick_lag = models.FloatField("tick lag (s)", default=0)
-    next_due_name = models.CharField("next due entry", max_length=200, blank=True)
+    tick_lag = models.FloatField(_("tick lag (s)"), default=0)
+    next_due_name = models.CharField(_("next due entry"), max_length=200, blank=True)
     next_due_at = models.DateTimeField(null=True, blank=True)
-    sent = models.PositiveBigIntegerField("tasks sent", default=0)
+    sent = models.PositiveBigIntegerField(_("tasks sent"), default=0)
 
     class Meta:
-        verbose_name = "beat process"
-        verbose_name_plural = "beat processes"
+        verbose_name = _("beat process")
+        verbose_name_plural = _("beat processes")
         ordering = ["app_alias", "-last_tick"]
         constraints = [
             models.UniqueConstraint(fields=["app_alias", "hostname", "pid"],
@@ -309,7 +311,9 @@ class BeatNode(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"beat {self.app_alias} {self.hostname} pid {self.pid} ({self.role})"
+        return _("beat %(app)s %(host)s pid %(pid)s (%(role)s)") % {
+            "app": self.app_alias, "host": self.hostname, "pid": self.pid,
+            "role": self.get_role_display()}
 
 
 class PeriodicTaskApp(models.Model):
@@ -323,10 +327,10 @@ class PeriodicTaskApp(models.Model):
     """
 
     periodic_task = models.CharField(max_length=200, unique=True)
-    app_alias = models.CharField("app", max_length=100)
+    app_alias = models.CharField(_("app"), max_length=100)
 
     class Meta:
-        verbose_name = "periodic task app"
+        verbose_name = _("periodic task app")
 
     def __str__(self) -> str:
         return f"{self.periodic_task} -> {self.app_alias}"

@@ -19,6 +19,7 @@ from django.contrib import admin, messages
 from django.db import DatabaseError
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from ..beat.health import app_health
@@ -39,23 +40,25 @@ class BeatNodeAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    @admin.display(description="last tick", ordering="last_tick")
+    @admin.display(description=_("last tick"), ordering="last_tick")
     def last_tick_age(self, obj: BeatNode) -> str:
-        return f"{(timezone.now() - obj.last_tick).total_seconds():.1f} s ago"
+        return _("%(seconds).1f s ago") % {
+            "seconds": (timezone.now() - obj.last_tick).total_seconds()}
 
-    @admin.display(description="next due entry")
+    @admin.display(description=_("next due entry"))
     def next_due(self, obj: BeatNode) -> str:
         if not obj.next_due_name:
             return "-"
         when = obj.next_due_at.strftime("%H:%M:%S") if obj.next_due_at else "?"
-        return f"{obj.next_due_name} at {when}"
+        return _("%(entry)s at %(time)s") % {"entry": obj.next_due_name, "time": when}
 
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
         try:
             summary = list(app_health(list(apps)).values())
         except DatabaseError as e:
             summary = []
-            self.message_user(request, f"Cannot read beat health: {e}", messages.ERROR)
+            self.message_user(request, _("Cannot read beat health: %(error)s") % {"error": e},
+                              messages.ERROR)
         return super().changelist_view(request, {**(extra_context or {}),
                                                  "beat_summary": summary})
 
@@ -75,14 +78,14 @@ if "django_celery_beat" in settings.INSTALLED_APPS:
 
     class PeriodicTaskForm(beat_admin.PeriodicTaskForm):
         app = forms.ChoiceField(
-            required=False, label="App",
-            help_text="The app whose beat sends it, for a task that routing leaves to "
-                      "the default app (a task bound to an app or matched by TASK_APPS "
-                      "always goes to that app).")
+            required=False, label=_("App"),
+            help_text=_("The app whose beat sends it, for a task that routing leaves to "
+                        "the default app (a task bound to an app or matched by TASK_APPS "
+                        "always goes to that app)."))
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.fields["app"].choices = [("", "by routing"), *((a, a) for a in apps)]
+            self.fields["app"].choices = [("", _("by routing")), *((a, a) for a in apps)]
             if self.instance.pk:
                 self.initial["app"] = chosen_app(self.instance.name) or ""
 
@@ -96,7 +99,7 @@ if "django_celery_beat" in settings.INSTALLED_APPS:
             *beat_admin.PeriodicTaskAdmin.fieldsets[0][1]["fields"], "app")}),
             *beat_admin.PeriodicTaskAdmin.fieldsets[1:])
 
-        @admin.display(description="app")
+        @admin.display(description=_("app"))
         def app(self, obj: PeriodicTask) -> str:
             return task_owner(obj.task, chosen_app(obj.name))
 
@@ -110,7 +113,7 @@ if "django_celery_beat" in settings.INSTALLED_APPS:
             else:
                 PeriodicTaskApp.objects.filter(periodic_task=obj.name).delete()
 
-        @admin.action(description="Run selected tasks")
+        @admin.action(description=_("Run selected tasks"))
         def run_tasks(self, request: HttpRequest, queryset: Any) -> None:
             sent = 0
             for row in queryset:

@@ -37,6 +37,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from .. import conf
 from ..exceptions import CeleryAdvError
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 class LockDefinitionForm(forms.ModelForm):
-    backend = forms.ChoiceField(choices=())
+    backend = forms.ChoiceField(choices=(), label=_("Backend"))
 
     class Meta:
         model = LockDefinition
@@ -79,15 +80,15 @@ class LockDefinitionForm(forms.ModelForm):
             leases = holders(name, backend=old)
         except CeleryAdvError as e:
             raise ValidationError(
-                "Cannot move %(name)r off backend %(old)r: its holders there cannot be read "
-                "(%(error)s). Try again once that backend answers.",
+                _("Cannot move %(name)r off backend %(old)r: its holders there cannot be read "
+                  "(%(error)s). Try again once that backend answers."),
                 code="old_backend_unreadable",
                 params={"name": name, "old": old, "error": masked_error(old, e)}) from e
         if leases:
             raise ValidationError(
-                "Cannot move %(name)r off backend %(old)r while it is held there by: "
-                "%(holders)s. The new backend would grant the same slots again; wait until "
-                "they finish or force-release them first.",
+                _("Cannot move %(name)r off backend %(old)r while it is held there by: "
+                  "%(holders)s. The new backend would grant the same slots again; wait until "
+                  "they finish or force-release them first."),
                 code="held_on_old_backend",
                 params={"name": name, "old": old,
                         "holders": "; ".join(describe_holder(lease.holder) for lease in leases)})
@@ -117,10 +118,10 @@ class LockDefinitionAdmin(admin.ModelAdmin):
     actions = ["force_release"]
     fieldsets = [
         (None, {"fields": ["name", "backend", "capacity", "description"]}),
-        ("Lease and retries", {"fields": ["ttl", "wait", "on_busy", "beat_on_busy",
+        (_("Lease and retries"), {"fields": ["ttl", "wait", "on_busy", "beat_on_busy",
                                           "retry_countdown", "retry_jitter", "retry_backoff",
                                           "max_retries"]}),
-        ("Now", {"fields": ["current_holders", "created_at", "updated_at"]}),
+        (_("Now"), {"fields": ["current_holders", "created_at", "updated_at"]}),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
@@ -136,19 +137,19 @@ class LockDefinitionAdmin(admin.ModelAdmin):
         reading = getattr(obj, "holders_reading", None)
         return reading if reading is not None else HolderReader().read(obj.name, obj.backend)
 
-    @admin.display(description="holders now")
+    @admin.display(description=_("holders now"))
     def holders_now(self, obj: LockDefinition) -> str:
         reading = self._reading(obj)
         if reading.error is not None:
-            return format_html('<span class="dca-error" title="{}">unavailable</span>',
-                               reading.error)
+            return format_html('<span class="dca-error" title="{}">{}</span>',
+                               reading.error, _("unavailable"))
         return f"{len(reading.leases)} / {obj.capacity}"
 
-    @admin.display(description="state", ordering="capacity")
+    @admin.display(description=_("state"), ordering="capacity")
     def state(self, obj: LockDefinition) -> str:
-        return "paused" if obj.capacity == 0 else "active"
+        return _("paused") if obj.capacity == 0 else _("active")
 
-    @admin.display(description="current holders")
+    @admin.display(description=_("current holders"))
     def current_holders(self, obj: LockDefinition) -> str:
         if obj.pk is None:
             return "-"
@@ -159,7 +160,7 @@ class LockDefinitionAdmin(admin.ModelAdmin):
     def has_force_release_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("django_celery_adv.force_release_lock")
 
-    @admin.action(description="Force-release every holder of the selected locks",
+    @admin.action(description=_("Force-release every holder of the selected locks"),
                   permissions=["force_release"])
     def force_release(self, request: HttpRequest, queryset: QuerySet[LockDefinition]) -> None:
         released = 0
@@ -175,10 +176,12 @@ class LockDefinitionAdmin(admin.ModelAdmin):
                                               backend=alias))
             except CeleryAdvError as e:
                 failed[alias] = masked_error(alias, e)
-                self.message_user(request, f"{definition.name}: nothing released: "
-                                           f"{failed[alias]}", messages.ERROR)
+                self.message_user(request, _("%(lock)s: nothing released: %(error)s")
+                                  % {"lock": definition.name, "error": failed[alias]},
+                                  messages.ERROR)
         if skipped:
-            self.message_user(request, "Not tried, their backend failed above: "
-                                       f"{', '.join(skipped)}.", messages.WARNING)
+            self.message_user(request, _("Not tried, their backend failed above: %(locks)s.")
+                              % {"locks": ", ".join(skipped)}, messages.WARNING)
         if released or not failed:
-            self.message_user(request, f"Released {released} lease(s).", messages.SUCCESS)
+            self.message_user(request, _("Released %(count)d lease(s).") % {"count": released},
+                              messages.SUCCESS)

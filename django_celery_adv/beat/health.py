@@ -22,6 +22,7 @@ from typing import Any
 
 from django.db import DatabaseError
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from ..locks.backends.base import HOSTNAME
 
@@ -116,10 +117,10 @@ class AppBeatHealth:
     @property
     def problem(self) -> str:
         if self.leader is None:
-            return "no beat leader"
+            return _("no beat leader")
         if self.leader.stale:
-            return (f"beat leader {self.leader.hostname} pid {self.leader.pid} last ticked "
-                    f"{self.leader.age:.0f} s ago")
+            return _("beat leader %(host)s pid %(pid)s last ticked %(age).0f s ago") % {
+                "host": self.leader.hostname, "pid": self.leader.pid, "age": self.leader.age}
         return ""
 
     def as_dict(self) -> dict[str, Any]:

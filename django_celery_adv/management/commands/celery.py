@@ -11,13 +11,15 @@ import os
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from django_celery_adv import cli
 from django_celery_adv.registry import apps
 
 
 class Command(BaseCommand):
-    help = "Run Celery's command line for one app of CELERY_ADV['APPS']."
+    help = gettext_lazy("Run Celery's command line for one app of CELERY_ADV['APPS'].")
 
     def run_from_argv(self, argv: list[str]) -> None:
         # Django's option parser would claim Celery's options (-l, -c, -A ...);
@@ -35,17 +37,18 @@ class Command(BaseCommand):
             sys.exit(e.returncode)
 
     def usage(self, prog: str) -> str:
-        aliases = ", ".join(apps) or "none configured"
-        return (
-            f"usage: {prog} <alias> <celery command> [options]\n"
-            f"  aliases: {aliases}\n"
-            f"  e.g.: {prog} default worker -l info\n"
-        )
+        aliases = ", ".join(apps) or _("none configured")
+        return _(
+            "usage: %(prog)s <alias> <celery command> [options]\n"
+            "  aliases: %(aliases)s\n"
+            "  e.g.: %(prog)s default worker -l info\n"
+        ) % {"prog": prog, "aliases": aliases}
 
     def execute_celery(self, alias: str, celery_args: list[str], prog: str) -> None:
         if alias not in apps:
             raise CommandError(
-                f"unknown app {alias!r}; CELERY_ADV['APPS'] has: {', '.join(apps) or 'none'}",
+                _("unknown app %(alias)s; CELERY_ADV['APPS'] has: %(aliases)s")
+                % {"alias": repr(alias), "aliases": ", ".join(apps) or _("none")},
                 returncode=2,
             )
         from celery.bin.celery import celery as celery_cli
@@ -59,4 +62,5 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: str, **options: object) -> None:  # pragma: no cover
-        raise CommandError("run through manage.py: call_command cannot pass Celery's options")
+        raise CommandError(_("run through manage.py: call_command cannot pass Celery's "
+                             "options"))
