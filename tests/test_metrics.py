@@ -153,13 +153,16 @@ def test_scrape_shows_the_stored_numbers(operator_client, seen_workers):
     assert v("celery_adv_tasks_unfinished", app="default", name="t.add", state="RECEIVED") == 1
     # Finished records only: 0.02, 0.07, 0.3, 2.0.
     runtime = {le: v("celery_adv_task_runtime_seconds_bucket", app="default", name="t.add",
-                     le=le) for le in ("0.01", "0.05", "0.1", "0.5", "2.5", "+Inf")}
-    assert runtime == {"0.01": 0, "0.05": 1, "0.1": 2, "0.5": 3, "2.5": 4, "+Inf": 4}
+                     le=le) for le in ("0.05", "0.1", "0.5", "1.0", "5.0", "+Inf")}
+    assert runtime == {"0.05": 1, "0.1": 2, "0.5": 3, "1.0": 3, "5.0": 4, "+Inf": 4}
     assert v("celery_adv_task_runtime_seconds_count", app="default", name="t.add") == 4
     assert v("celery_adv_task_runtime_seconds_sum", app="default",
              name="t.add") == pytest.approx(2.39)
-    assert v("celery_adv_task_queue_wait_seconds_bucket", app="default", name="t.add",
-             le="0.25") == 3
+    # Queue wait per app: 0.001, 0.05, 0.2, 0.6 (the global app's record has none).
+    assert v("celery_adv_task_queue_wait_seconds_bucket", app="default", le="0.05") == 2
+    assert v("celery_adv_task_queue_wait_seconds_bucket", app="default", le="0.5") == 3
+    assert v("celery_adv_task_queue_wait_seconds_count", app="default") == 4
+    assert v("celery_adv_task_queue_wait_seconds_count", app="global") is None
     assert v("celery_adv_task_runtime_seconds_count", app="global",
              name="reports.tasks.build") == 1
     assert v("celery_adv_events_total", app="default") == 1000
@@ -299,6 +302,32 @@ def test_dead_broker_and_lock_server_give_error_series(operator_client):
     assert value(found, "celery_adv_queue_length", app="twin", queue="twin") is not None
     assert "pw@" not in text
     assert took < 5, took
+
+
+def test_a_stalled_broker_costs_at_most_the_queue_timeout(operator_client):
+    """A broker that accepts connections and never answers (a listening socket nobody
+    serves): the scrape still answers within QUEUE_TIMEOUT plus the grace."""
+    import socket
+
+    from django_celery_adv.metrics.collector import BACKGROUND_GRACE
+
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(16)
+        port = stalled.getsockname()[1]
+        config = {**settings.CELERY_ADV,
+                  "APPS": {**settings.CELERY_ADV["APPS"],
+                           "stalled": {"broker_url": f"redis://127.0.0.1:{port}/0"}},
+                  "METRICS": {"QUEUE_TIMEOUT": 0.3}}
+        with override_settings(CELERY_ADV=config):
+            started = time.monotonic()
+            found = scrape(operator_client)
+            took = time.monotonic() - started
+    assert took < 0.3 + BACKGROUND_GRACE + 0.5, took
+    errors = {dict(labels)["app"]: dict(labels)["error"] for name, labels in found
+              if name == "celery_adv_scrape_error"}
+    assert errors.get("stalled") == "BrokerError" or errors.get("*") == "Timeout", errors
+    assert value(found, "celery_adv_workers_up", app="stalled") == 0
 
 
 def test_a_failing_source_is_an_error_series_not_a_500(operator_client):

@@ -13,9 +13,12 @@ Guarantees:
   from the last reading the fleet monitor stored (``monitoring.last_reading``,
   else the last-seen record), task counts from the task records the event
   recorder stored, beat from the beats' own rows. The only network reads are
-  one cheap queue-length read per app on its broker, bounded by
-  ``CELERY_ADV["METRICS"]["QUEUE_TIMEOUT"]``, and the lock holders of each
-  lock definition on its lock server.
+  one cheap queue-length read per app on its broker, and the lock holders of
+  each lock definition on its lock server.
+* **Bounded.** The queue reads run in a thread while the database is read;
+  the scrape waits for them at most ``CELERY_ADV["METRICS"]["QUEUE_TIMEOUT"]``
+  + :data:`BACKGROUND_GRACE` seconds, then answers without them (error
+  series ``error="Timeout"``).
 * **Never a 500 for a dead server.** Each source is read on its own; one that
   fails (a broker or lock server down, a table not migrated) leaves its series
   out and adds ``celery_adv_scrape_error{app, source, error} 1`` instead, with
@@ -43,6 +46,7 @@ shorter than the prune interval. Unfinished tasks (``PENDING``, ``RECEIVED``,
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,8 +72,9 @@ PREFIX = "celery_adv_"
 ALL_APPS = "*"
 #: Final states of a task record (Celery's ready states, and a rejected message).
 FINISHED_STATES = tuple(sorted({*states.READY_STATES, states.REJECTED}))
-#: Bucket bounds (seconds) of the runtime and queue-wait histograms.
-BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+#: Bucket bounds (seconds) of the runtime and queue-wait histograms: ten, so that a
+#: runtime histogram per task name stays affordable (13 series per name and app).
+BUCKETS = (0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 #: name (without the prefix, and without ``_total`` for counters) -> (type, help, labels).
 #: Every metric family the collector can export; the docs' dashboard and alert
@@ -82,7 +87,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "task_runtime_seconds": ("histogram", "Runtime of the finished tasks stored.",
                              ("app", "name")),
     "task_queue_wait_seconds": ("histogram", "Time from received to started of the "
-                                "finished tasks stored.", ("app", "name")),
+                                "finished tasks stored (per app: waiting is the queue's "
+                                "doing, not the task's).", ("app",)),
     "queue_length": ("gauge", "Messages ready in a queue, read from the broker.",
                      ("app", "queue")),
     "workers_up": ("gauge", "Workers seen within MONITORING['SILENT_WINDOW'] in the last "
@@ -145,6 +151,11 @@ class Scrape:
     def add(self, short: str, labels: Iterable[str], value: float) -> None:
         self.family(short).add_metric(list(labels), value)
 
+    def merge(self, other: Scrape) -> None:
+        """Add the samples of ``other`` (a source read in another thread)."""
+        for short, family in other.families.items():
+            self.family(short).samples.extend(family.samples)
+
     def error(self, app: str, source: str, error: BaseException) -> None:
         self.add("scrape_error", (app, source, type(error).__name__), 1)
 
@@ -162,16 +173,16 @@ def read_tasks(scrape: Scrape, aliases: list[str]) -> None:
             "app_alias", "name", "state").annotate(n=Count("pk")).order_by():
         scrape.add("tasks_unfinished", (row["app_alias"], row["name"], row["state"]), row["n"])
     finished = rows.filter(state__in=FINISHED_STATES)
-    for short, column in (("task_runtime_seconds", "runtime"),
-                          ("task_queue_wait_seconds", "queue_wait")):
+    for short, column, by in (("task_runtime_seconds", "runtime", ("app_alias", "name")),
+                              ("task_queue_wait_seconds", "queue_wait", ("app_alias",))):
         buckets = {f"le{i}": Count("pk", filter=Q(**{f"{column}__lte": bound}))
                    for i, bound in enumerate(BUCKETS)}
         measured = finished.filter(**{f"{column}__isnull": False})
-        for row in measured.values("app_alias", "name").annotate(
+        for row in measured.values(*by).annotate(
                 total=Count("pk"), seconds=Sum(column), **buckets).order_by():
             cumulative = [(_le(bound), row[f"le{i}"]) for i, bound in enumerate(BUCKETS)]
             scrape.family(short).add_metric(
-                [row["app_alias"], row["name"]], [*cumulative, ("+Inf", row["total"])],
+                [row[key] for key in by], [*cumulative, ("+Inf", row["total"])],
                 float(row["seconds"] or 0.0))
 
 
@@ -330,6 +341,13 @@ SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
 }
 
 
+#: Sources that wait on the network and never touch the database: they run in a
+#: thread of their own while the others read the database.
+BACKGROUND = frozenset({"queues"})
+#: Seconds a background source may take beyond ``METRICS["QUEUE_TIMEOUT"]``.
+BACKGROUND_GRACE = 1.0
+
+
 class CeleryAdvCollector(Collector):
     """Reads every source once per :meth:`collect` call (one scrape)."""
 
@@ -345,17 +363,37 @@ class CeleryAdvCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         aliases = self.aliases if self.aliases is not None else list(apps)
         scrape = Scrape()
+        background: list[tuple[str, threading.Thread, Scrape]] = []
         for source, read in self.sources.items():
-            started = time.perf_counter()
-            try:
-                read(scrape, aliases)
-            except Exception as e:  # one source down never takes the others with it
-                logger.warning("metrics: source %s failed: %s", source, type(e).__name__)
-                scrape.error(ALL_APPS, source, e)
-            scrape.add("scrape_duration_seconds", (ALL_APPS, source),
-                       time.perf_counter() - started)
+            if source in BACKGROUND:
+                # Network waits, no database: overlap them with the database sources.
+                private = Scrape(readings=dict(scrape.readings))
+                thread = threading.Thread(target=_run, args=(source, read, private, aliases),
+                                          daemon=True, name=f"metrics-{source}")
+                thread.start()
+                background.append((source, thread, private))
+            else:
+                _run(source, read, scrape, aliases)
+        deadline = time.monotonic() + float(conf.metrics("QUEUE_TIMEOUT")) + BACKGROUND_GRACE
+        for source, thread, private in background:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():  # a server that accepted and stalls: leave it behind
+                scrape.add("scrape_error", (ALL_APPS, source, "Timeout"), 1)
+            else:
+                scrape.merge(private)
         scrape.family("scrape_error")  # present (empty) when nothing failed
         yield from scrape.families.values()
+
+
+def _run(source: str, read: Callable[[Scrape, list[str]], None], scrape: Scrape,
+         aliases: list[str]) -> None:
+    started = time.perf_counter()
+    try:
+        read(scrape, aliases)
+    except Exception as e:  # one source down never takes the others with it
+        logger.warning("metrics: source %s failed: %s", source, type(e).__name__)
+        scrape.error(ALL_APPS, source, e)
+    scrape.add("scrape_duration_seconds", (ALL_APPS, source), time.perf_counter() - started)
 
 
 def render(aliases: Iterable[str] | None = None) -> tuple[bytes, str]:
