@@ -39,6 +39,11 @@ E024    a ``BEAT`` ``ON_BUSY`` is not "skip" or "send"
 E025    ``BEAT["APPS"]`` is not a dict, names an alias missing from
         ``APPS``, or an entry is not a dict of ``LOCK_BACKEND``,
         ``TTL``, ``MISFIRE_GRACE`` and ``ON_BUSY`` overrides
+E026    ``EVENTS`` (or its ``APPS`` map) is not a dict, has an unknown
+        key, or names an alias missing from ``APPS``
+E027    an ``EVENTS`` value (global or an app's override) is not a number
+        at or above its minimum (``MAX_PENDING`` >= 100, the rest >= 0;
+        the retention limits may be None)
 W001    an app sets a key that is not a Celery setting (a typo?); its
         ``LOGGING`` key is this library's, not Celery's
 ======  ==============================================================
@@ -566,4 +571,56 @@ def check_beat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
             messages.append(_error("E024", _("%(obj)s['ON_BUSY'] is %(value)s; expected "
                                              "'skip' or 'send'.")
                                    % {"obj": where, "value": repr(values["ON_BUSY"])}))
+    return messages
+
+
+# -- EVENTS (django_celery_adv.events) ---------------------------------------------
+
+#: EVENTS key -> (smallest value, whether None is allowed).
+_EVENTS_LIMITS = {"RETENTION_DAYS": (0, True), "RETENTION_COUNT": (0, True),
+                  "MAX_PENDING": (100, False), "ENABLE_EVENTS_INTERVAL": (0, False),
+                  "QUEUE_EXPIRES": (0, False), "PRUNE_INTERVAL": (0, False)}
+
+
+@register(Tags.compatibility)
+def check_events_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """E026 for the shape of ``EVENTS``, E027 for its values (global and per app)."""
+    raw = conf.user_settings()
+    value = raw.get("EVENTS", {}) if isinstance(raw, dict) else {}
+    where = "CELERY_ADV['EVENTS']"
+    if not isinstance(value, dict):
+        return [_error("E026", _("%(obj)s must be a dict, not %(type)s.")
+                       % {"obj": where, "type": type(value).__name__})]
+    known = set(_EVENTS_LIMITS) | {"APPS"}
+    messages = [_error("E026", _("%(obj)s has an unknown key %(key)s.")
+                       % {"obj": where, "key": repr(key)},
+                       hint=_("Known keys: %(keys)s.") % {"keys": ", ".join(sorted(known))})
+                for key in sorted(set(value) - known)]
+    sections = [(where, value)]
+    per_app = value.get("APPS", {})
+    if not isinstance(per_app, dict):
+        messages.append(_error("E026", _("%(obj)s['APPS'] must be a dict of app alias -> "
+                                         "overrides.") % {"obj": where}))
+        per_app = {}
+    for alias, overrides in per_app.items():
+        app_where = f"{where}['APPS'][{alias!r}]"
+        if alias not in conf.app_settings():
+            messages.append(_error("E026", _("%(obj)s: no app %(alias)s in CELERY_ADV['APPS'].")
+                                   % {"obj": app_where, "alias": repr(alias)}))
+        if not isinstance(overrides, dict) or set(overrides) - set(_EVENTS_LIMITS):
+            messages.append(_error("E026", _("%(obj)s must be a dict of %(keys)s overrides.")
+                                   % {"obj": app_where,
+                                      "keys": ", ".join(sorted(_EVENTS_LIMITS))}))
+        else:
+            sections.append((app_where, overrides))
+    for obj, values in sections:
+        for key, (smallest, nullable) in _EVENTS_LIMITS.items():
+            if key not in values or (nullable and values[key] is None):
+                continue
+            if not (_number(values[key]) and values[key] >= smallest):
+                messages.append(_error(
+                    "E027", _("%(obj)s['%(key)s'] is %(value)s; expected a number >= "
+                              "%(min)s%(none)s.")
+                    % {"obj": obj, "key": key, "value": repr(values[key]), "min": smallest,
+                       "none": _(" or None") if nullable else ""}))
     return messages

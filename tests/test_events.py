@@ -446,3 +446,18 @@ def test_detail_links_parent_children_and_failure_group():
     failure_page = client.get(reverse("admin:django_celery_adv_taskfailure_change",
                                       args=[group.pk])).content.decode()
     assert reverse(CHANGELIST) + "?name=a.child" in failure_page.replace("&amp;", "&")
+
+
+def test_events_settings_checks():
+    from django_celery_adv.checks import check_events_settings
+
+    def ids(events) -> list[str]:
+        with override_settings(CELERY_ADV={**settings.CELERY_ADV, "EVENTS": events}):
+            return sorted(m.id.rpartition(".")[2] for m in check_events_settings())
+
+    assert ids({"RETENTION_DAYS": None, "APPS": {"global": {"RETENTION_COUNT": 10}}}) == []
+    assert ids([]) == ["E026"]
+    assert ids({"RETENTION": 3}) == ["E026"]
+    assert ids({"APPS": {"nope": {}}}) == ["E026"]
+    assert ids({"APPS": {"default": {"MAX_PENDING": 5}}, "QUEUE_EXPIRES": -1}) == \
+        ["E027", "E027"]

@@ -27,8 +27,9 @@ Guarantees:
   logs each worker that had task events off.
 * **Clean stop.** :meth:`Recorder.stop` ends the consumers, then the writers
   write what is pending (the last batch is not lost).
-* Worker heartbeats are passed to ``monitoring.mark_seen(alias, hostname,
-  when)`` once per worker per batch, if the monitoring module provides it.
+* Worker heartbeats mark their workers seen in the fleet record
+  (``monitoring.mark_seen_many``, one call per batch), so a busy worker that
+  does not answer ``inspect`` but sends heartbeats is not reported dead.
 
 Error handling: a database error keeps the batch in memory (within the
 bound) and retries at the next tick; what does not fit is dropped and counted.
@@ -65,10 +66,11 @@ _WORKER_COUNT_KEYS = {"task-received": "processed", "task-succeeded": "succeeded
                       "task-failed": "failed", "task-retried": "retried"}
 
 
-def _mark_seen() -> Callable[..., Any] | None:
+def _seen_recorders() -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
+    """The fleet record's ``mark_seen_many`` and ``mark_seen`` (None where absent)."""
     from .. import monitoring
 
-    return getattr(monitoring, "mark_seen", None)
+    return getattr(monitoring, "mark_seen_many", None), getattr(monitoring, "mark_seen", None)
 
 
 class AppRecorder:
@@ -259,20 +261,23 @@ class AppRecorder:
         return written
 
     def _mark_seen(self, heartbeats: dict[str, dict[str, Any]]) -> None:
-        mark_seen = _mark_seen()
-        if mark_seen is None:
-            return
+        """Heartbeats count as "seen" in the fleet record: one call per batch."""
+        mark_seen_many, mark_seen = _seen_recorders()
         from datetime import UTC, datetime
 
-        for hostname, beat in heartbeats.items():
-            if beat.get("offline"):
-                continue
-            try:
-                mark_seen(self.alias, hostname,
-                          datetime.fromtimestamp(beat["heartbeat_at"], tz=UTC))
-            except Exception as error:  # the fleet record must never stop the recorder
-                logger.warning("celery_events %s: mark_seen(%s) failed: %s", self.alias,
-                               hostname, mask_text(str(error), limit=200))
+        seen = {hostname: datetime.fromtimestamp(beat["heartbeat_at"], tz=UTC)
+                for hostname, beat in heartbeats.items() if not beat.get("offline")}
+        if not seen or (mark_seen_many is None and mark_seen is None):
+            return
+        try:
+            if mark_seen_many is not None:
+                mark_seen_many(self.alias, seen)
+            else:
+                for hostname, when in seen.items():
+                    mark_seen(self.alias, hostname, when)
+        except Exception as error:  # the fleet record must never stop the recorder
+            logger.warning("celery_events %s: marking workers seen failed: %s", self.alias,
+                           mask_text(str(error), limit=200))
 
     def write_loop(self) -> None:
         """Flush at most every :data:`FLUSH_INTERVAL` until the consumer ends, then once more."""
