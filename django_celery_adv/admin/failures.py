@@ -16,8 +16,11 @@ from django.contrib import admin, messages
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.functional import lazy
 from django.utils.html import format_html
 from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from ..failures import daily_counts
 from ..models import TaskFailure
@@ -44,6 +47,11 @@ def chart_bars(counts: list[tuple[datetime.date, int]]) -> list[dict]:
     return bars
 
 
+def last_days_label(days: int) -> str:
+    """The chart's label in the active language ("last 30 days")."""
+    return ngettext("last %(days)d day", "last %(days)d days", days) % {"days": days}
+
+
 @admin.register(TaskFailure)
 class TaskFailureAdmin(admin.ModelAdmin):
     chart_template = "admin/django_celery_adv/taskfailure/chart.html"
@@ -64,38 +72,38 @@ class TaskFailureAdmin(admin.ModelAdmin):
         (None, {"fields": ["task_name", "exception_type", "location", "app_alias", "count",
                            "first_seen", "last_seen", "resolved", "resolved_at",
                            "task_records"]}),
-        ("Failures per day", {"fields": ["chart"]}),
-        ("Last occurrence", {"fields": ["last_task_id", "last_hostname", "last_message",
+        (_("Failures per day"), {"fields": ["chart"]}),
+        (_("Last occurrence"), {"fields": ["last_task_id", "last_hostname", "last_message",
                                         "last_args", "last_kwargs", "traceback"]}),
-        ("Grouping", {"fields": ["fingerprint"], "classes": ["collapse"]}),
+        (_("Grouping"), {"fields": ["fingerprint"], "classes": ["collapse"]}),
     ]
 
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.display(description="task records")
+    @admin.display(description=_("task records"))
     def task_records(self, obj: TaskFailure) -> str:
         # The event recorder's history of this task's failures, and of the newest one.
         changelist = reverse("admin:django_celery_adv_taskrecord_changelist")
-        return format_html('<a href="{}?{}">all failed runs</a> · <a href="{}?q={}">the last '
-                           'one</a>', changelist,
+        return format_html('<a href="{}?{}">{}</a> · <a href="{}?q={}">{}</a>', changelist,
                            urlencode({"name": obj.task_name, "state__exact": "FAILURE"}),
-                           changelist, obj.last_task_id)
+                           _("all failed runs"), changelist, obj.last_task_id,
+                           _("the last one"))
 
-    @admin.display(description="exception", ordering="exception_type")
+    @admin.display(description=_("exception"), ordering="exception_type")
     def exception_name(self, obj: TaskFailure) -> str:
         return obj.exception_type.rpartition(".")[2]
 
-    @admin.display(description="last message")
+    @admin.display(description=_("last message"))
     def message(self, obj: TaskFailure) -> str:
         return Truncator(obj.last_message).chars(80)
 
-    @admin.display(description="traceback")
+    @admin.display(description=_("traceback"))
     def traceback(self, obj: TaskFailure) -> str:
         return format_html('<pre class="dca-traceback" style="white-space: pre-wrap; '
                            'margin: 0;">{}</pre>', obj.last_traceback or "-")
 
-    @admin.display(description=f"last {chart_days} days")
+    @admin.display(description=lazy(last_days_label, str)(chart_days))
     def chart(self, obj: TaskFailure) -> str:
         if obj.pk is None:
             return "-"
@@ -115,10 +123,10 @@ class TaskFailureAdmin(admin.ModelAdmin):
             obj.resolved_at = timezone.now() if obj.resolved else None
         super().save_model(request, obj, form, change)
 
-    @admin.action(description="Mark the selected failures resolved (a new one reopens them)",
+    @admin.action(description=_("Mark the selected failures resolved (a new one reopens them)"),
                   permissions=["change"])
     def mark_resolved(self, request, queryset):
         updated = queryset.filter(resolved=False).update(resolved=True,
                                                          resolved_at=timezone.now())
-        self.message_user(request, f"Marked {updated} failure group(s) resolved.",
-                          messages.SUCCESS)
+        self.message_user(request, _("Marked %(count)d failure group(s) resolved.")
+                          % {"count": updated}, messages.SUCCESS)
