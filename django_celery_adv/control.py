@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from django.utils.translation import gettext as _
+
 from . import conf
 from .brokers import bounded_connection, masked_error
 from .exceptions import BrokerError
@@ -51,7 +53,8 @@ def _reply(answers: Any, worker: str, timeout: float) -> ControlReply:
                 return ControlReply(False, str(body["error"]))
         elif body is not None:  # a command that replies with a bare value
             return ControlReply(True, str(body))
-    return ControlReply(False, f"no reply from {worker} within {timeout:g} s")
+    return ControlReply(False, _("no reply from %(worker)s within %(timeout)g s")
+                        % {"worker": worker, "timeout": timeout})
 
 
 def send_command(alias: str, worker: str, command: str,
@@ -79,7 +82,8 @@ def send_command(alias: str, worker: str, command: str,
     except Exception as e:  # the broker failing mid-way: the outcome, not a 500
         return ControlReply(False, masked_error(app, e))
     if not wants_reply:
-        return ControlReply(True, f"{command} sent to {worker}")
+        return ControlReply(True, _("%(command)s sent to %(worker)s")
+                            % {"command": command, "worker": worker})
     return _reply(answers, worker, timeout)
 
 

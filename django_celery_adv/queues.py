@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
+from django.utils.translation import gettext as _
 from kombu import Connection
 
 from . import conf
@@ -152,7 +153,8 @@ def _check_redis_lists(channel: Any, queue: str) -> None:
         kinds = {kind.decode() if isinstance(kind, bytes) else str(kind)
                  for kind in pipe.execute()}
     if kinds - {"list", "none"}:
-        raise BrokerError(f"{queue!r} is not a queue on this Redis database")
+        raise BrokerError(_("%(queue)r is not a queue on this Redis database")
+                          % {"queue": queue})
 
 
 def _read_amqp(connection: Connection, reading: AppQueues) -> None:
@@ -261,7 +263,8 @@ def purge_queue(alias: str, queue: str, timeout: float | None = None) -> int:
     app = apps[alias]
     transport = driver_type(app)
     if transport not in SUPPORTED:
-        raise BrokerError(f"purging is not supported on the {transport} transport")
+        raise BrokerError(_("purging is not supported on the %(transport)s transport")
+                          % {"transport": transport})
     timeout = float(conf.get("INSPECT_TIMEOUT") if timeout is None else timeout)
     with bounded_connection(app, timeout) as connection:
         channel = connection.channel()
@@ -272,8 +275,8 @@ def purge_queue(alias: str, queue: str, timeout: float | None = None) -> int:
         except BrokerError:
             raise
         except connection.channel_errors as e:
-            raise BrokerError(f"no queue {queue!r} on the broker ({masked_error(app, e)})") \
-                from e
+            raise BrokerError(_("no queue %(queue)r on the broker (%(error)s)")
+                              % {"queue": queue, "error": masked_error(app, e)}) from e
         except Exception as e:
             raise BrokerError(masked_error(app, e)) from e
         finally:
