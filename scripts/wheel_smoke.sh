@@ -6,7 +6,8 @@
 #  2. the WHEEL (not an editable install) installed into a clean venv;
 #  3. from a temporary directory outside the source tree, the tiny project of
 #     tests/wheel_smoke/: `check`, `migrate`, the admin pages render with a
-#     superuser (our templates, admin static files found), and `celery_status`
+#     superuser (our templates, admin static files found), the Russian catalogue
+#     found and used (the compiled .mo is in the wheel), and `celery_status`
 #     against an app on the embedded filesystem broker with no worker: exit 1 and
 #     a readable message, no traceback.
 #
@@ -65,6 +66,8 @@ required = [
     "django_celery_adv/templates/admin/django_celery_adv/monitoring/workers.html",
     "django_celery_adv/templates/admin/django_celery_adv/lockdefinition/holders.html",
     "django_celery_adv/management/commands/celery_status.py",
+    "django_celery_adv/locale/ru/LC_MESSAGES/django.po",
+    "django_celery_adv/locale/ru/LC_MESSAGES/django.mo",
 ]
 missing = [name for name in required if name not in names]
 for name in missing:
@@ -94,6 +97,15 @@ step "manage.py migrate"
 "$PY" manage.py migrate -v 0
 step "admin pages as a superuser"
 "$PY" manage.py shell -c "$(cat pages.py)"
+
+step "Russian catalogue from the installed wheel"
+"$PY" manage.py shell -c "
+from django.utils import translation
+with translation.override('ru'):
+    got = str(translation.gettext('Lease and retries'))
+    print('  | ru: Lease and retries ->', got)
+    assert got == 'Аренда и повторы', got
+" || die "the Russian catalogue is not used from the wheel"
 
 step "celery_status with no worker on the filesystem broker (expect exit 1)"
 set +e
