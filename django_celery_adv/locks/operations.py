@@ -22,6 +22,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.utils.translation import gettext as _
+
 from .. import conf
 from ..exceptions import CeleryAdvError
 from ..masking import is_secret_key, mask_text, url_secrets
@@ -92,7 +94,7 @@ def describe_backend(alias: str) -> str:
     try:
         return mask_text(f"{alias}: {lock_backends[alias].describe()}", backend_secrets(alias))
     except CeleryAdvError:
-        return f"{alias}: not configured"
+        return _("%(alias)s: not configured") % {"alias": alias}
     except Exception as e:  # a backend that cannot even be built: say so, in place
         return f"{alias}: {masked_error(alias, e)}"
 
