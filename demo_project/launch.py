@@ -65,6 +65,8 @@ def processes(var_dir: Path) -> dict[str, list[str]]:
         **{f"beat-{alias}-{n}": [*MANAGE, "celery", alias, "beat", "-l", "info",
                                  "-S", "django_celery_adv", "--pidfile="]
            for alias in ("default", "global") for n in (1, 2)},
+        # Task history from both apps' events (admin "Tasks"); turns worker events on.
+        "events": [*MANAGE, "celery_events"],
         "web": [*MANAGE, "runserver", f"{HOST}:{PORT}", "--noreload"],
     }
 
@@ -106,6 +108,7 @@ django-celery-adv demo is starting (fresh logs in {log_dir})
              global  -> {mask_url(settings.CELERY_ADV['APPS']['global']['broker_url'])}
   send demo tasks:  .venv/bin/python manage.py send_demo_tasks
   beats:     two per app; admin "Beat processes" and `manage.py celery_status beat` say which leads
+  tasks:     history from events (celery_events): admin "Tasks"
   Ctrl-C stops everything (a crashed process is restarted; its error is shown here).
 """)
         supervisor.run(lambda: bool(signals))
