@@ -55,6 +55,8 @@ from .registry import apps
 
 #: Transports whose message counts are read (kombu ``driver_type``).
 SUPPORTED = (AMQP, REDIS)
+#: Seconds past twice the timeout after which an app's read is given up.
+HARD_GRACE = 1.0
 
 
 @dataclass
@@ -232,11 +234,12 @@ def read_queues(aliases: Iterable[str] | None = None,
     for alias in aliases:
         apps[alias]  # a configuration error is raised here, in the caller's thread
     statuses = statuses or {}
+    seconds = float(conf.get("INSPECT_TIMEOUT") if timeout is None else timeout)
     results: dict[str, AppQueues] = {}
 
     def run(alias: str) -> None:
         try:
-            results[alias] = read_app(alias, statuses.get(alias), timeout)
+            results[alias] = read_app(alias, statuses.get(alias), seconds)
         except Exception as e:  # odd settings: still one app's error, not a 500
             app = apps[alias]
             results[alias] = AppQueues(alias=alias, broker=mask_url(broker_url(app)),
@@ -245,10 +248,23 @@ def read_queues(aliases: Iterable[str] | None = None,
 
     threads = [threading.Thread(target=run, args=(alias,), daemon=True,
                                 name=f"queues-{alias}") for alias in aliases]
+    # Socket timeouts bound each read; the deadline guards against what they miss
+    # (a resolver that hangs): such an app is reported, its thread left to end.
+    hard_deadline = time.monotonic() + 2 * seconds + HARD_GRACE
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, hard_deadline - time.monotonic()))
+    for alias in aliases:
+        if alias not in results:
+            app = apps[alias]
+            results[alias] = AppQueues(
+                alias=alias, broker=mask_url(broker_url(app)), transport=driver_type(app),
+                supported=driver_type(app) in SUPPORTED,
+                queues=[QueueDepth(name=name, configured=name in configured_queues(app))
+                        for name in known_queues(alias, statuses.get(alias))],
+                error=_("no answer from the broker within %(seconds).1f s")
+                % {"seconds": 2 * seconds + HARD_GRACE})
     return {alias: results[alias] for alias in aliases}
 
 

@@ -245,3 +245,14 @@ def test_a_broker_that_accepts_and_stalls_is_an_error_within_the_timeout():
         server.close()
         for sock in held:
             sock.close()
+
+
+def test_a_read_that_outlives_every_socket_timeout_is_given_up(monkeypatch):
+    from django_celery_adv import queues
+
+    monkeypatch.setattr(queues, "read_app", lambda *args, **kwargs: time.sleep(5))
+    started = time.monotonic()
+    reading = read_queues(["default"], timeout=0.1)["default"]
+    assert time.monotonic() - started < 2
+    assert reading.error.startswith("no answer from the broker within")
+    assert [(q.name, q.ready) for q in reading.queues] == [("celery", None)]
