@@ -74,7 +74,8 @@ def test_json_lists_exactly_the_running_workers(session_workers):
         assert worker["status"] == "online"
         assert worker["concurrency"] == 2
         assert worker["queues"] == EXPECTED_QUEUES[alias]
-        assert worker["running"] == 0
+        assert worker["running"] is None  # "active" not asked by the table reading
+        assert worker["unread"] == [] and app["partial"] is False and app["problem"] is None
     assert ":guest@" not in out  # RabbitMQ's password, masked in the broker URL
 
 
@@ -88,7 +89,7 @@ def test_default_output_reads_like_inspect_ping_then_a_table(session_workers):
         assert lines[header + 1] == f"-> {worker_process.name}: OK"  # from stats, no ping
         assert lines[header + 2] == "1 node online."
     table = lines[lines.index(next(line for line in lines if line.startswith("app "))):]
-    assert table[0].split() == ["app", "worker", "status", "age", "concurrency", "completed",
+    assert table[0].split() == ["app", "worker", "status", "age", "concurrency", "processed",
                                 "running", "queues"]
     rows = {row.split()[1]: row.split() for row in table[1:]}
     assert set(rows) == {worker.name for worker in session_workers.values()}
@@ -97,6 +98,7 @@ def test_default_output_reads_like_inspect_ping_then_a_table(session_workers):
         assert rows[worker_process.name][2] == "online"
         assert rows[worker_process.name][3] == "now"
         assert rows[worker_process.name][4] == "2"
+        assert rows[worker_process.name][6] == "-"  # running: "active" not asked
         assert rows[worker_process.name][-1] == ",".join(EXPECTED_QUEUES[alias])
 
 
@@ -119,6 +121,7 @@ def test_stats_and_queues(default_worker, global_worker):
     assert code == 0
     assert f"-> {global_worker.name}: OK" in out
     assert "    pool: prefork" in out and "    concurrency: 2" in out
+    assert "    processed: " in out and "    processed: ?" not in out
     assert default_worker.name not in out  # --app filters
 
     code, out, _ = run("queues", "--app", "default", "--app", "global")

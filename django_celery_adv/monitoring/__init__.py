@@ -1,8 +1,10 @@
 """Status of every configured Celery app at once, at fleet scale: workers, tasks, queues.
 
-:func:`inspect_all` reads each app of ``CELERY_ADV["APPS"]`` (``stats``,
-``active``, ``active_queues``) and returns plain dataclasses that the
-``celery_status`` command, the admin pages and ``/metrics`` render.
+:func:`inspect_all` reads each app of ``CELERY_ADV["APPS"]`` (``stats`` and
+``active_queues``; ``active`` too when asked, :data:`FULL_COMMANDS`) and
+returns plain dataclasses that the ``celery_status`` command, the admin
+pages and ``/metrics`` render; :func:`read_worker` reads one worker with its
+running tasks for its page.
 
 Guarantees (measured at 2,000 simulated workers on Redis, see README):
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 from .readings import ActiveTask, AppStatus, Status, WorkerStatus
 from .shared import (
     COMMANDS,
+    FULL_COMMANDS,
     HARD_GRACE,
     app_secrets,
     broker_url,
@@ -47,9 +50,11 @@ from .shared import (
     load_seen,
     mark_seen,
     mark_seen_many,
+    read_worker,
     save_seen,
 )
 
-__all__ = ["COMMANDS", "HARD_GRACE", "ActiveTask", "AppStatus", "Status", "WorkerStatus",
+__all__ = ["COMMANDS", "FULL_COMMANDS", "HARD_GRACE", "ActiveTask", "AppStatus", "Status",
+           "WorkerStatus",
            "app_secrets", "broker_url", "forget_workers", "inspect_all", "last_reading",
-           "load_seen", "mark_seen", "mark_seen_many", "save_seen"]
+           "load_seen", "mark_seen", "mark_seen_many", "read_worker", "save_seen"]

@@ -28,13 +28,13 @@ ARGS_LIMIT = 200
 #: Which inspect command fills which WorkerStatus fields.
 FIELDS_BY_COMMAND: dict[str, tuple[str, ...]] = {
     "ping": ("ping",),
-    "stats": ("concurrency", "pool", "uptime", "prefetch", "pid", "completed"),
+    "stats": ("concurrency", "pool", "uptime", "prefetch", "pid", "processed", "completed"),
     "active": ("running", "active", "completed"),
     "active_queues": ("queues",),
 }
 #: The fields carried from one reading to the next in the seen-workers record.
-VALUE_FIELDS = ("ping", "concurrency", "completed", "running", "queues", "active", "pool",
-                "uptime", "prefetch", "pid")
+VALUE_FIELDS = ("ping", "concurrency", "processed", "completed", "running", "queues", "active",
+                "pool", "uptime", "prefetch", "pid")
 
 
 class Status(enum.StrEnum):
@@ -70,7 +70,9 @@ class WorkerStatus:
     #: The ping reply ("pong"), only when ``ping`` was asked for.
     ping: str | None = None
     concurrency: int | None = None
-    #: Tasks finished since the worker started. Celery's ``stats()["total"]``
+    #: Tasks the worker started since it started (Celery's ``stats()["total"]``).
+    processed: int | None = None
+    #: Tasks finished since the worker started (needs ``active``). Celery's ``stats()["total"]``
     #: counts a task when it starts, so the ones running now are taken off.
     completed: int | None = None
     running: int | None = None
@@ -94,6 +96,10 @@ class WorkerStatus:
     def online(self) -> bool:
         return self.status == Status.ONLINE
 
+    def not_asked(self, name: str, commands: Iterable[str]) -> bool:
+        """True when no command of ``commands`` (what the reading asked) fills ``name``."""
+        return not any(name in FIELDS_BY_COMMAND.get(command, ()) for command in commands)
+
     def not_read(self, name: str) -> bool:
         """True when field ``name`` is unknown because a reply was not read."""
         return any(name in FIELDS_BY_COMMAND.get(command, ()) for command in self.unread)
@@ -103,9 +109,22 @@ class WorkerStatus:
         return None if self.values_at is None else max(0.0, (now - self.values_at).total_seconds())
 
     def values(self) -> dict[str, Any]:
-        """The fields kept in the seen-workers record, JSON-ready."""
-        return {name: _jsonable(getattr(self, name)) for name in VALUE_FIELDS
-                if getattr(self, name) is not None}
+        """The fields kept in the seen-workers record, JSON-ready.
+
+        ``uptime`` is kept as ``started`` (epoch seconds, whole), so that a
+        worker whose values did not change has the same values next time.
+        """
+        values = {name: getattr(self, name) for name in VALUE_FIELDS
+                  if name not in ("active", "uptime") and getattr(self, name) is not None}
+        if self.uptime is not None and self.values_at is not None:
+            values["started"] = round(self.values_at.timestamp() - self.uptime)
+        if self.active is not None:
+            values["active"] = [{
+                "id": task.id, "name": task.name, "args": task.args, "kwargs": task.kwargs,
+                "worker_pid": task.worker_pid, "runtime": task.runtime,
+                "started": task.started.isoformat() if task.started else None}
+                for task in self.active]
+        return values
 
 
 @dataclass
@@ -251,6 +270,7 @@ def build_worker(name: str, replies: Mapping[str, Mapping[str, Any]], now: float
         total = stats.get("total")
         if isinstance(total, dict):
             started_tasks = sum(v for v in total.values() if isinstance(v, int))
+            worker.processed = started_tasks
         uptime = stats.get("uptime")
         worker.uptime = uptime if isinstance(uptime, int | float) else None
         worker.prefetch = _int(stats.get("prefetch_count"))
@@ -287,8 +307,11 @@ def worker_from_values(name: str, status: Status, values: Mapping[str, Any],
     worker = WorkerStatus(name=name, status=status, last_seen=last_seen, values_at=values_at,
                           unread=list(unread))
     for key in VALUE_FIELDS:
-        if key in values and key != "active":
+        if key in values and key not in ("active", "uptime"):
             setattr(worker, key, values[key])
+    started = values.get("started")
+    if isinstance(started, int | float) and values_at is not None:
+        worker.uptime = max(0.0, values_at.timestamp() - started)
     active = values.get("active")
     if isinstance(active, list):
         worker.active = [ActiveTask(

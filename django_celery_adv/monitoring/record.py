@@ -77,18 +77,50 @@ def load(alias: str) -> Record:
                    for name, seen, at, values in rows})
 
 
-def save(status: AppStatus) -> None:
-    """Store a fresh reading: its answering workers' values and its summary; release the claim."""
-    rows = [SeenWorker(app_alias=status.alias, hostname=worker.name,
-                       last_seen=worker.last_seen or status.read_at,
-                       values_at=status.read_at, values=worker.values())
-            for worker in status.workers if worker.values_at == status.read_at]
+def same_values(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Equal but for a start time one second apart (rounding of ``uptime``)."""
+    if new.keys() != old.keys():
+        return False
+    for key, value in new.items():
+        if key == "started":
+            if not isinstance(old[key], int | float) or abs(value - old[key]) > 1:
+                return False
+        elif value != old[key]:
+            return False
+    return True
+
+
+def save(status: AppStatus, known: Record | None = None) -> None:
+    """Store a fresh reading: its answering workers' values and its summary; release the claim.
+
+    Workers whose values equal those in ``known`` (the record the reading
+    started from) only get their times moved: one UPDATE per 500 of them;
+    the others one bulk upsert.
+    """
+    changed: list[SeenWorker] = []
+    unchanged: list[str] = []
+    for worker in status.workers:
+        if worker.values_at != status.read_at:
+            continue  # silent now: its row keeps its last values
+        values = worker.values()
+        before = known.workers.get(worker.name) if known else None
+        if before is not None and before.values_at is not None \
+                and same_values(values, before.values):
+            unchanged.append(worker.name)
+        else:
+            changed.append(SeenWorker(app_alias=status.alias, hostname=worker.name,
+                                      last_seen=status.read_at, values_at=status.read_at,
+                                      values=values))
     upsert = {"update_conflicts": True, "update_fields": ["last_seen", "values_at", "values"]}
     if connection.features.supports_update_conflicts_with_target:
         upsert["unique_fields"] = ["app_alias", "hostname"]
     with transaction.atomic():
-        if rows:
-            SeenWorker.objects.bulk_create(rows, batch_size=BATCH_SIZE, **upsert)
+        if changed:
+            SeenWorker.objects.bulk_create(changed, batch_size=BATCH_SIZE, **upsert)
+        for start in range(0, len(unchanged), BATCH_SIZE):
+            SeenWorker.objects.filter(
+                app_alias=status.alias, hostname__in=unchanged[start:start + BATCH_SIZE],
+            ).update(last_seen=status.read_at, values_at=status.read_at)
         summary = {"read_at": status.read_at, "duration": status.duration,
                    "reachable": status.reachable, "error": status.error or "",
                    "commands": ",".join(status.commands), "unread": status.unread,

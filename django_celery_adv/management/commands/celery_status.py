@@ -13,9 +13,10 @@ status.
 The reading is the shared one (:func:`~django_celery_adv.monitoring.inspect_all`):
 one younger than ``MONITORING["READING_MAX_AGE"]`` taken by another process
 or page is reused (``--fresh`` broadcasts anyway). Liveness comes from
-``stats``; no separate ``ping`` round is sent. In the text output ``?`` is a
-field the worker did not send, ``unread`` one whose reply was not read; a
-silent worker shows its last known values with their age.
+``stats``; no separate ``ping`` round is sent, and running tasks are asked
+for only by ``active``. In the text output ``?`` is a field the worker did
+not send, ``unread`` one whose reply was not read, ``-`` one this reading did
+not ask for; a silent worker shows its last known values with their age.
 
 Exit status, so it serves as a container health check: 0 when every app's
 broker answered, at least one of its workers is online or silent but seen
@@ -47,14 +48,16 @@ from django_celery_adv import conf
 from django_celery_adv.beat.health import AppBeatHealth, app_health
 from django_celery_adv.exceptions import CeleryAdvError
 from django_celery_adv.management.queue_status import queues_json, write_queues
-from django_celery_adv.monitoring import AppStatus, WorkerStatus, inspect_all
+from django_celery_adv.monitoring import FULL_COMMANDS, AppStatus, WorkerStatus, inspect_all
 from django_celery_adv.queues import read_queues
 from django_celery_adv.registry import apps
 
 UNKNOWN = "?"
 #: A field whose reply was not read in this reading (not the same as "not sent": ``?``).
 NOT_READ = "unread"
-TABLE_COLUMNS = ("app", "worker", "status", "age", "concurrency", "completed", "running",
+#: A field no command of this reading fills (``running`` unless ``active`` was asked).
+NOT_ASKED = "-"
+TABLE_COLUMNS = ("app", "worker", "status", "age", "concurrency", "processed", "running",
                  "queues")
 
 
@@ -62,12 +65,18 @@ def _value(value: Any) -> str:
     return UNKNOWN if value is None else str(value)
 
 
-def _field(worker: WorkerStatus, name: str, text: str | None = None) -> str:
-    """A worker's field: its value, ``unread`` if its reply was not read, else ``?``."""
+def _field(worker: WorkerStatus, name: str, text: str | None = None,
+           commands: list[str] | None = None) -> str:
+    """A worker's field: its value; ``unread`` if its reply was not read; ``-`` if this
+    reading did not ask for it (``commands``); else ``?`` (the worker did not send it)."""
     value = getattr(worker, name)
     if value is not None:
         return str(value) if text is None else text
-    return NOT_READ if worker.not_read(name) else UNKNOWN
+    if worker.not_read(name):
+        return NOT_READ
+    if commands is not None and worker.not_asked(name, commands):
+        return NOT_ASKED
+    return UNKNOWN
 
 
 def _age(worker: WorkerStatus, status: AppStatus) -> str:
@@ -138,7 +147,9 @@ class Command(BaseCommand):
             self.handle_beat(aliases or list(apps), as_json)
             return
         try:
-            statuses = inspect_all(aliases, timeout=timeout, max_age=0 if fresh else None)
+            # "active" lists every worker's running tasks: a reading with them.
+            statuses = inspect_all(aliases, timeout=timeout, max_age=0 if fresh else None,
+                                   commands=FULL_COMMANDS if what == "active" else None)
         except CeleryAdvError as e:  # an app whose settings cannot be built
             raise CommandError(str(e), returncode=2) from e
         beats = self.read_beats(list(statuses)) if require_beat else {}
@@ -271,11 +282,8 @@ class Command(BaseCommand):
                     f"    * {task.name}[{task.id}] args={task.args} kwargs={task.kwargs} "
                     f"pid={_value(task.worker_pid)} runtime={runtime}")
         elif what == "stats":
-            for label, name in (
-                    ("pool", "pool"), ("concurrency", "concurrency"),
-                    ("completed", "completed"), ("running", "running"),
-                    ("prefetch", "prefetch"), ("pid", "pid")):
-                self.stdout.write(f"    {label}: {_field(worker, name)}")
+            for name in ("pool", "concurrency", "processed", "prefetch", "pid"):
+                self.stdout.write(f"    {name}: {_field(worker, name, None, status.commands)}")
             self.stdout.write(f"    uptime: {_field(worker, 'uptime', _duration(worker.uptime))}")
         elif what == "queues":
             if worker.queues is None:
@@ -289,7 +297,8 @@ class Command(BaseCommand):
             for worker in status.workers:
                 rows.append((status.alias, worker.name, str(worker.status),
                              _age(worker, status), _field(worker, "concurrency"),
-                             _field(worker, "completed"), _field(worker, "running"),
+                             _field(worker, "processed"),
+                             _field(worker, "running", None, status.commands),
                              _field(worker, "queues", ",".join(worker.queues or ()))))
         if len(rows) == 1:
             self.stdout.write("No workers.")
