@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the servers the test suite needs available on 127.0.0.1: reuse whatever already
 # listens on a port, install (apt) and start the rest, and stop only what we started.
-#   scripts/services.sh start|stop [NAME...]|status
+#   scripts/services.sh start|stop [NAME...]|status|vhost VHOST...
 #   SERVICES_STARTED_FILE=F ... start   appends the names this run started to F
 # Env: REDIS_PORT RABBITMQ_PORT ZOOKEEPER_PORT ETCD_PORT ETCD_PEER_PORT POSTGRES_PORT MARIADB_PORT,
 #      STATE_DIR (default build/services), SERVICES_TIMEOUT (seconds, default 60).
@@ -230,9 +230,26 @@ cmd_status() {
   done
 }
 
+# RabbitMQ virtual hosts for runs that share the server at the same time (guest may
+# use them); an existing one is kept. Ours is driven with its own cookie, a shared
+# one with Debian's rabbitmqctl.
+cmd_vhost() {
+  local ctl name
+  if owned rabbitmq; then ctl=(rmqctl); else
+    command -v rabbitmqctl >/dev/null || die "vhost: rabbitmqctl not found (apt-get install rabbitmq-server)"
+    ctl=($SUDO rabbitmqctl -q)
+  fi
+  for name in "$@"; do
+    "${ctl[@]}" add_vhost "$name" >/dev/null 2>&1 || true   # "already exists" is fine
+    "${ctl[@]}" set_permissions -p "$name" guest '.*' '.*' '.*' >/dev/null ||
+      die "vhost: could not create RabbitMQ vhost $name for guest"
+  done
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
-  *) die "usage: $0 start|stop|status" ;;
+  vhost) shift; cmd_vhost "$@" ;;
+  *) die "usage: $0 start|stop [NAME...]|status|vhost VHOST..." ;;
 esac

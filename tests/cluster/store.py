@@ -8,7 +8,8 @@ believes about its lease. That is what a storage must do for lease-based locks
 to be safe (Kleppmann's fencing), and what the checker counts as rejections.
 
 Where it runs: the shared PostgreSQL on 127.0.0.1:5432 in the root namespace,
-database ``CLUSTER_PG_NAME`` (default ``celery_adv_jepsen``, created if missing).
+database ``CLUSTER_PG_NAME`` (default ``celery_adv_jepsen``, suffixed with
+``TEST_LOCK_NAMESPACE`` when set; created if missing).
 Clients inside the namespaces reach it through the socat relay that
 ``scripts/cluster.sh`` runs on the bridge address (``10.77.0.1:15432``), which a
 partition never cuts (partitions only drop traffic to cluster nodes).
@@ -17,12 +18,17 @@ partition never cuts (partitions only drop traffic to cluster nodes).
 from __future__ import annotations
 
 import os
+import re
 
 import psycopg
 
 from . import topology
 
-DATABASE = os.environ.get("CLUSTER_PG_NAME", "celery_adv_jepsen")
+# Runs beside each other (CI legs, helpers) each have a TEST_LOCK_NAMESPACE:
+# each gets its own database.
+_NAMESPACE = re.sub(r"\W", "_", os.environ.get("TEST_LOCK_NAMESPACE", "")).lower()
+DATABASE = os.environ.get("CLUSTER_PG_NAME",
+                          "celery_adv_jepsen" + (f"_{_NAMESPACE}" if _NAMESPACE else ""))
 
 
 def dsn(*, from_namespace: bool) -> str:
@@ -34,7 +40,10 @@ def create_database(name: str) -> None:
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
                          autocommit=True) as admin:
         if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            admin.execute(f'CREATE DATABASE "{name}"')
+            try:
+                admin.execute(f'CREATE DATABASE "{name}"')
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                pass  # a run beside this one created it between the check and here
 
 
 def prepare(rows: list[tuple[str, int]]) -> None:

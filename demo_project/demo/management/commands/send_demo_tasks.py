@@ -6,6 +6,8 @@ results (``result_extended``), whose metadata carry the worker's name.
 
 from __future__ import annotations
 
+import time
+
 from celery.result import AsyncResult
 from django.core.management.base import BaseCommand
 
@@ -31,7 +33,10 @@ class Command(BaseCommand):
             sent["build_report() inside using('default')"] = tasks.build_report.delay("2026-12")
         sent["save_to_storage() under the capacity-10 semaphore"] = \
             tasks.save_to_storage.delay("hello")
-        sent["import_data() (mutex)"] = tasks.import_data.delay("https://example.com/feed")
+        first = sent["import_data() (mutex)"] = tasks.import_data.delay("https://example.com/feed")
+        # The second import must reach a worker while the first holds the mutex;
+        # sent together, a busy worker could run them in either order.
+        self.wait_until_started(first, timeout)
         sent[DROPPED] = tasks.import_data.delay("https://example.com/feed")
         sent["nightly_report() with lock()"] = tasks.nightly_report.delay()
         for invoice_id, amount in enumerate(["12.50", "7.99", "1,000.00"], start=1):
@@ -40,6 +45,13 @@ class Command(BaseCommand):
         for label, result in sent.items():
             self.stdout.write(f"{label}: {self.outcome(label, result, timeout)}"
                               f"  [ran on {result.worker or 'an unknown worker'}]")
+
+    @staticmethod
+    def wait_until_started(result: AsyncResult, timeout: float) -> None:
+        """Wait for ``STARTED`` (the demo apps track it) or a final state."""
+        deadline = time.monotonic() + timeout
+        while result.state == "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def outcome(self, label: str, result: AsyncResult, timeout: float) -> str:
         try:
