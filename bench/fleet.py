@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import heapq
 import json
 import math
@@ -311,10 +312,15 @@ class FleetServer:
         method, arguments = body["method"], dict(body.get("arguments") or {})
         if body.get("destination") == [self.node_name]:  # the fleet's own probe
             if reply_to and method in SELF_COMMANDS:
-                reply = {"ok": "pong"} if method == "ping" else self.stats()
+                # fleet_stats is answered after every reply scheduled before it
+                # went out: its lag covers the backlog of the last reading.
+                reply = {"ok": "pong"} if method == "ping" else \
+                    functools.partial(self.stats, bool(arguments.get("reset")))
+                with self._cond:  # after every reply already scheduled
+                    last = max((item[0] for item in self._heap), default=now)
                 self.schedule(Request(method, arguments, reply_to["exchange"],
                                       reply_to["routing_key"], body.get("ticket"), now),
-                              [(now, -1, reply)])
+                              [(max(now, last), -1, reply)])
             return
         if not reply_to:
             self.counters.casts += 1
@@ -379,7 +385,8 @@ class FleetServer:
                     if i >= 0:
                         body = self.payloads.encoded(i, request.method, request.arguments)
                     else:
-                        body = json.dumps({self.node_name: reply}).encode()
+                        body = json.dumps({self.node_name: reply() if callable(reply)
+                                           else reply}).encode()
                     messages.append((request, body))
                 writer.write(messages, self.payloads.clock)
                 now = time.monotonic()
@@ -438,13 +445,17 @@ class FleetServer:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """The counters; ``reset`` starts ``max_lag`` and ``lag_over_5ms`` afresh."""
         counters = self.counters
-        return {"workers": len(self.names), "requests": counters.requests,
+        stats = {"workers": len(self.names), "requests": counters.requests,
                 "casts": counters.casts, "replies": counters.replies,
                 "heartbeats": counters.heartbeats, "max_lag": round(counters.max_lag, 4),
                 "lag_over_5ms": counters.lag_over_5ms, "errors": counters.errors[:5],
                 "node": self.node_name}
+        if reset:
+            counters.max_lag, counters.lag_over_5ms = 0.0, 0
+        return stats
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -595,6 +606,8 @@ class Fleet:
                  fast: bool = True) -> None:
         self.broker_url = broker_url
         self.workers = workers
+        self.control_exchange = control_exchange
+        self.transport_options = dict(transport_options or {})
         self.prefix = prefix
         self.host = host or socket.gethostname()
         self.args = ["--workers", str(workers), "--control-exchange", control_exchange,
@@ -654,6 +667,24 @@ class Fleet:
                                f"see {self.log_path or 'its stderr (log_path=)'}")
         self.info = json.loads(line[6:])
         return self
+
+    def counters(self, reset: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+        """The running fleet's counters, asked over the broker (``fleet_stats``).
+
+        The answer waits for every reply due before it, so its ``max_lag``
+        includes the backlog of the reading just done; ``reset=True`` starts
+        the lag counters afresh (one reading's lag at a time).
+        """
+        from kombu import Connection
+        from kombu.pidbox import Mailbox
+
+        with Connection(self.broker_url, transport_options=self.transport_options) as conn:
+            mailbox = Mailbox(self.control_exchange, type="fanout", accept=["json"],
+                              serializer="json")(conn)
+            replies = mailbox._broadcast("fleet_stats", {"reset": reset},
+                                         destination=[self.info["node"]], reply=True,
+                                         timeout=timeout, limit=1)
+        return next(iter(replies[0].values())) if replies else {}
 
     def _read_line(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout

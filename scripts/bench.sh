@@ -8,6 +8,7 @@
 # Env: BENCH_LOCK_ROUNDS (300), BENCH_MASK_ROUNDS (5), BENCH_INSPECT_ROUNDS (30),
 #      BENCH_INSPECT_SLOW_ROUNDS (5), BENCH_PAGE_ROUNDS (20), BENCH_FAILOVERS (5),
 #      BENCH_STREAM_TASKS (3000), BENCH_REPLAY_EVENTS (60000), BENCH_TASK_ROWS (1000000),
+#      BENCH_FLEET_SIZES (10,100,300,1000,2000), BENCH_FLEET_ROUNDS (3),
 #      BENCH_SKIP="masking beat_failover ..." (bench modules not to run this time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ ensure_venv "all,test,bench"
 started=$(mktemp)
 trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
 SERVICES_STARTED_FILE=$started bash scripts/services.sh start
+bash scripts/services.sh vhost bench   # bench/settings.py's RabbitMQ vhost
 # bench/settings.py names a database of its own: create it on a fresh machine.
 DJANGO_SETTINGS_MODULE=bench.settings .venv/bin/python - <<'PY'
 from django.conf import settings
@@ -46,7 +48,7 @@ elif db["ENGINE"].endswith("mysql"):
     connection.close()
 PY
 echo "bench.sh: TEST_DB=${TEST_DB:-sqlite}, $(uptime)"
-for module in locks_roundtrip makespan inspect_all masking beat_failover recorder_bench; do
+for module in locks_roundtrip makespan inspect_all masking beat_failover fleet_bench recorder_bench; do
   if [[ " ${BENCH_SKIP:-} " == *" $module "* ]]; then
     echo "bench.sh: skipped bench.$module (BENCH_SKIP)"
     continue

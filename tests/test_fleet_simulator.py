@@ -111,6 +111,7 @@ def test_celery_inspect_sees_exactly_the_simulated_workers(alias, fleets):
     assert {name for name in stats if name.startswith(fleet.prefix + "-")} == ours
     assert len({stats[name]["pid"] for name in ours}) == 120
     assert elapsed < 4.0  # two readings of Celery's 1 s quiet period, not a stuck fleet
+    assert fleet.counters()["replies"] == 240  # asked over the broker, fleet running
     counters = fleet.stop()
     assert counters["requests"] == 2 and counters["replies"] == 240, counters
     assert not counters["errors"]
