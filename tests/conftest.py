@@ -105,6 +105,8 @@ def twin_worker(worker_pool) -> WorkerProcess:
     return worker_pool("twin")
 
 
+#: Fixtures that start worker processes: their tests are marked ``workers``.
+_WORKER_FIXTURES = {"worker_pool", "default_worker", "global_worker", "twin_worker"}
 #: Fixtures through which a test reaches the database (workers use the test database too).
 _DATABASE_FIXTURES = {"db", "transactional_db", "django_db_setup", "admin_client",
                       "django_user_model"}
@@ -114,10 +116,15 @@ _DATABASE_FIXTURES = {"db", "transactional_db", "django_db_setup", "admin_client
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``db`` every test that touches the database, so that the legs on
     PostgreSQL and MariaDB run those only (``-m db``): what never reaches the
-    database gains nothing from running once per database."""
+    database gains nothing from running once per database. Mark ``workers``
+    every test that uses a worker fixture, so ``-m "not workers"`` leaves it out
+    even where its module forgot the marker."""
     for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _WORKER_FIXTURES & fixtures and not item.get_closest_marker("workers"):
+            item.add_marker(pytest.mark.workers)
         if item.get_closest_marker("db"):
             continue
         if item.get_closest_marker("django_db") or \
-                _DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+                _DATABASE_FIXTURES & fixtures:
             item.add_marker(pytest.mark.db)
