@@ -19,7 +19,7 @@ from tests.test_monitoring_admin import make_user
 from tests.test_queues import drop, fill, with_apps
 from tests.workers import WorkerProcess
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 QUEUES_URL = "admin:django_celery_adv_monitoring_queues"
 PURGE_URL = "admin:django_celery_adv_monitoring_purge_queue"
