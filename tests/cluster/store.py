@@ -17,6 +17,7 @@ partition never cuts (partitions only drop traffic to cluster nodes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -40,10 +41,10 @@ def create_database(name: str) -> None:
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
                          autocommit=True) as admin:
         if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            try:
+            # A run beside this one may create it between the check and here.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase,
+                                     psycopg.errors.UniqueViolation):
                 admin.execute(f'CREATE DATABASE "{name}"')
-            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
-                pass  # a run beside this one created it between the check and here
 
 
 def prepare(rows: list[tuple[str, int]]) -> None:

@@ -107,6 +107,5 @@ def locked_sleep(self, name, seconds):
     return run_locked(self, name, 4, lambda: time.sleep(seconds))
 
 
-from tests.testapp import failing_tasks  # noqa: E402,F401
+from tests.testapp import event_tasks, failing_tasks  # noqa: E402,F401
 from tests.testapp.monitoring_tasks import *  # noqa: E402,F403
-from tests.testapp import event_tasks  # noqa: E402,F401
