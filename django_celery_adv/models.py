@@ -344,9 +344,9 @@ class TaskRecord(models.Model):
     state name (``celery.states``); the ``*_at`` times are the workers' event
     times. ``args``, ``kwargs``, ``result``, ``exception`` and ``traceback``
     are masked (:mod:`django_celery_adv.masking`) and shortened;
-    ``retryable`` says the stored ``args``/``kwargs`` are the task's exact
-    arguments (Python literals, nothing masked or cut), so "retry" may resend
-    them. ``runtime`` is the worker's own figure (succeeded) or failed - started;
+    ``retryable`` says the stored ``args``/``kwargs`` are the task's
+    argument reprs exactly as the worker sent them (nothing masked or cut), so
+    "retry" may resend them if they are Python literals. ``runtime`` is the worker's own figure (succeeded) or failed - started;
     ``queue_wait`` is started - received. Rows are pruned by age and count per
     app (``CELERY_ADV["EVENTS"]``, ``manage.py prune_tasks``).
 

@@ -19,7 +19,6 @@ and shortened here, before anything is kept in memory or stored.
 
 from __future__ import annotations
 
-import ast
 from typing import Any
 
 from celery import states
@@ -63,18 +62,12 @@ def _keep_end(text: str, limit: int) -> str:
 
 
 def _arguments(value: Any) -> tuple[str, bool]:
-    """(masked shortened text, whether it is exactly the task's literal arguments)."""
+    """(masked shortened text, whether masking and shortening left it as it was)."""
     if value is None:
         return "", False
     text = value if isinstance(value, str) else repr(value)
     shown = mask_text(text, limit=MAX_ARGS_CHARS)
-    if shown != text:
-        return shown, False
-    try:
-        ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return shown, False
-    return shown, True
+    return shown, shown == text
 
 
 def event_fields(event: dict[str, Any]) -> dict[str, Any]:

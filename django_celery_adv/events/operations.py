@@ -33,8 +33,12 @@ def _arguments(record: TaskRecord) -> tuple[list[Any], dict[str, Any]]:
         raise TaskActionError(_("Task %(id)s cannot be retried: its arguments were not "
                                 "recorded exactly (masked, shortened or not literals).")
                               % {"id": record.task_id})
-    args = ast.literal_eval(record.args) if record.args else ()
-    kwargs = ast.literal_eval(record.kwargs) if record.kwargs else {}
+    try:
+        args = ast.literal_eval(record.args) if record.args else ()
+        kwargs = ast.literal_eval(record.kwargs) if record.kwargs else {}
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise TaskActionError(_("Task %(id)s cannot be retried: its recorded arguments are "
+                                "not Python literals.") % {"id": record.task_id}) from e
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise TaskActionError(_("Task %(id)s cannot be retried: its arguments are not a "
                                 "list and a dict.") % {"id": record.task_id})

@@ -4,7 +4,8 @@ Guarantees:
 
 * **Batched.** :func:`write_batch` writes any number of changed tasks with a
   fixed number of statements per 500 tasks (one ``SELECT`` of the stored
-  rows, one multi-row upsert) plus two for the counters, in one transaction.
+  rows, one ``executemany`` of an upsert) plus two for the counters, in one
+  transaction.
 * **Order-independent.** Each change is merged into the stored row with
   :func:`.merge.merge`, the rule the recorder used in memory, so a late
   ``task-started`` never overwrites ``succeeded`` whatever the batches.
@@ -39,6 +40,8 @@ OTHER_NAME = "(other)"
 #: ``workers`` keeps at most this many hostnames per app (the newest heartbeats).
 MAX_WORKERS = 1000
 _TIME_FIELDS = ("received_at", "started_at", "succeeded_at", "failed_at")
+_TEXT_FIELDS = ("name", "worker", "args", "kwargs", "result", "exception", "traceback",
+                "parent_id", "root_id")
 _UPDATE_FIELDS = [f for f in (*RECORD_FIELDS, "state", "state_timestamp", "queue_wait",
                               "updated_at") if f not in ("app_alias", "task_id")]
 
@@ -75,51 +78,72 @@ def _stored(alias: str, task_ids: list[str], using: str) -> dict[str, dict[str, 
     return stored
 
 
+def _upsert_sql(connection) -> str:
+    """One row's upsert keyed by (app_alias, task_id), in this database's dialect."""
+    quote = connection.ops.quote_name
+    columns = ["app_alias", "task_id", *_UPDATE_FIELDS]
+    head = (f"INSERT INTO {quote(TaskRecord._meta.db_table)} "
+            f"({', '.join(quote(c) for c in columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))}) ")
+    if connection.vendor == "mysql":
+        return head + "ON DUPLICATE KEY UPDATE " + ", ".join(
+            f"{quote(c)} = VALUES({quote(c)})" for c in _UPDATE_FIELDS)
+    return head + f"ON CONFLICT ({quote('app_alias')}, {quote('task_id')}) DO UPDATE SET " + \
+        ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in _UPDATE_FIELDS)
+
+
 def write_batch(alias: str, changes: Mapping[str, dict[str, Any]]) -> BatchResult:
     """Merge ``changes`` (task id -> change from :func:`.merge.apply_event`) into the table.
 
     A change may carry ``_events`` (how many events it folds) and ``_states``
     (the state of each event, for the per-name counters); both are ignored by
-    the table.
+    the table. Per 500 tasks: one ``SELECT`` of the stored rows and one
+    ``executemany`` of an upsert (the ORM's ``bulk_create`` spends more time
+    building its statement than the database takes to run it).
     """
     using = router.db_for_write(TaskRecord)
-    features = connections[using].features
-    now = timezone.now()
+    connection = connections[using]
+    adapt = connection.ops.adapt_datetimefield_value
+    sql = _upsert_sql(connection)
+    now = adapt(timezone.now())
     result = BatchResult()
     ids = list(changes)
     with transaction.atomic(using=using):
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
             stored = _stored(alias, chunk, using)
-            objects = []
+            rows = []
             for task_id in chunk:
                 change = changes[task_id]
                 record = stored.get(task_id, {})
                 fields = {k: v for k, v in change.items() if k in RECORD_FIELDS}
                 merge(record, change.get("state"), change.get("state_timestamp") or 0.0, fields)
                 derive(record)
-                if not record.get("state"):
-                    record["state"] = TaskRecord.State.PENDING
-                values = {k: record.get(k) for k in _UPDATE_FIELDS if k in record}
-                for key in _TIME_FIELDS:
-                    values[key] = _to_datetime(values.get(key))
-                for key in ("name", "worker", "args", "kwargs", "result", "exception",
-                            "traceback", "parent_id", "root_id"):
-                    values[key] = values.get(key) or ""
-                values["retries"] = values.get("retries") or 0
-                values["retryable"] = bool(values.get("retryable"))
-                values["updated_at"] = now
-                objects.append(TaskRecord(app_alias=alias, task_id=task_id, **values))
+                row = [alias, task_id]
+                for key in _UPDATE_FIELDS:
+                    value = record.get(key)
+                    if key in _TIME_FIELDS:
+                        value = adapt(_to_datetime(value))
+                    elif key in _TEXT_FIELDS:
+                        value = value or ""
+                    elif key in ("retries", "state_timestamp"):
+                        value = value or 0
+                    elif key == "retryable":
+                        value = bool(value)
+                    elif key == "state":
+                        value = value or TaskRecord.State.PENDING
+                    elif key == "updated_at":
+                        value = now
+                    row.append(value)
+                rows.append(row)
                 result.events += change.get("_events", 1)
-                name = values["name"] or "?"
+                name = record.get("name") or "?"
                 for state in change.get("_states", ()):
                     per_name = result.counts.setdefault(name, {})
                     per_name[state] = per_name.get(state, 0) + 1
-            kwargs: dict[str, Any] = {"update_conflicts": True, "update_fields": _UPDATE_FIELDS}
-            if features.supports_update_conflicts_with_target:
-                kwargs["unique_fields"] = ["app_alias", "task_id"]
-            TaskRecord.objects.using(using).bulk_create(objects, **kwargs)
-            result.tasks += len(objects)
+            with connection.cursor() as cursor:
+                cursor.executemany(sql, rows)
+            result.tasks += len(rows)
     return result
 
 
