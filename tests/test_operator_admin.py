@@ -249,3 +249,12 @@ def test_purge_is_only_for_a_queue_of_the_app(client):
         assert server.hget(key, "field") == b"value" and not LogEntry.objects.exists()
     finally:
         server.delete(key)
+
+
+def test_task_name_fields_suggest_the_apps_tasks(client):
+    client.force_login(make_user("limiter", "view_monitoring", "set_task_rate_limit"))
+    html = client.get(reverse(CONTROL_URL, args=["default", "w@h"])).content.decode()
+    assert 'list="dca-task-names"' in html
+    assert '<option value="testapp.where_default">' in html
+    assert '<option value="celery.' not in html
+    assert '<option value="reports.tasks.build">' not in html  # TASK_APPS sends it to global

@@ -35,7 +35,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from .. import control
-from ..registry import apps
+from ..registry import apps, task_alias
 from .oplog import log_operator_action
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 RATE_PATTERN = re.compile(r"^\d+(\.\d+)?(/[smh])?$")
 #: Most processes one pool action adds or removes.
 MAX_POOL_STEP = 64
+#: id of the <datalist> of task names the task-name fields suggest.
+TASK_NAMES_ID = "dca-task-names"
 
 
 class PoolForm(forms.Form):
@@ -69,7 +71,8 @@ class QueueForm(forms.Form):
 
 
 class RateLimitForm(forms.Form):
-    task_name = forms.CharField(label=gettext_lazy("Task name"), max_length=255)
+    task_name = forms.CharField(label=gettext_lazy("Task name"), max_length=255,
+                                widget=forms.TextInput(attrs={"list": TASK_NAMES_ID}))
     rate = forms.CharField(label=gettext_lazy("Rate"), max_length=32,
                            help_text=gettext_lazy('e.g. "10/m", "2/s", "100/h"; "0" lifts it.'))
 
@@ -82,7 +85,8 @@ class RateLimitForm(forms.Form):
 
 
 class TimeLimitForm(forms.Form):
-    task_name = forms.CharField(label=gettext_lazy("Task name"), max_length=255)
+    task_name = forms.CharField(label=gettext_lazy("Task name"), max_length=255,
+                                widget=forms.TextInput(attrs={"list": TASK_NAMES_ID}))
     soft = forms.FloatField(label=gettext_lazy("Soft limit (s)"), min_value=0, required=False)
     hard = forms.FloatField(label=gettext_lazy("Hard limit (s)"), min_value=0, required=False)
 
@@ -138,6 +142,18 @@ ACTIONS: dict[str, Action] = {action.name: action for action in (
 )}
 
 
+def task_names(alias: str) -> list[str]:
+    """The app's task names as this process knows them (no broadcast to ask a worker).
+
+    Celery's own tasks and shared tasks that ``TASK_APPS`` routes to another
+    app are left out.
+    """
+    app = apps[alias]
+    app.loader.import_default_modules()  # the tasks modules (imported once)
+    return sorted(name for name in app.tasks if not name.startswith("celery.")
+                  and task_alias(name) in (None, alias))
+
+
 def _arguments(data: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in data.items() if value is not None)
 
@@ -175,7 +191,8 @@ class WorkerControlPages:
                                                              action.name)})
         context = self.model_admin._context(
             request, _("Control worker %(name)s") % {"name": name}, alias=alias,
-            worker_name=name, actions=forms_shown,
+            worker_name=name, actions=forms_shown, task_names_id=TASK_NAMES_ID,
+            task_names=task_names(alias),
             worker_url=self.model_admin._url("worker", alias, name))
         return TemplateResponse(request, self.control_template, context)
 
