@@ -113,6 +113,7 @@ def test_permissions_on_every_page(client, index, monkeypatch):
         alias: AppStatus(alias=alias, broker="memory://", reachable=True, error=None,
                          workers=[WorkerStatus(name="w@h", status=Status.ONLINE)])
         for alias in (aliases or settings.CELERY_ADV["APPS"])})
+    monkeypatch.setattr(monitoring_admin, "read_worker", lambda alias, name, timeout=None: None)
     url = page_urls()[index]
 
     anonymous = client.get(url)
@@ -178,15 +179,20 @@ def test_workers_page_lists_exactly_the_running_workers(viewer, session_workers)
     assert response.status_code == 200
     html = response.content.decode()
     tables = Tables(html).tables
-    assert set(tables) == {f"workers-{alias}" for alias in settings.CELERY_ADV["APPS"]}
+    summary = {row[0].split()[0]: row for row in tables["app-summary"][1:]}
+    assert list(summary) == list(settings.CELERY_ADV["APPS"])
+    header, *rows = tables["workers-table"]
+    assert header == ["Name", "App", "Status", "Concurrency", "Processed tasks", "Queues"]
+    assert len(rows) == len(session_workers)
     for alias, worker_process in session_workers.items():
-        header, *rows = tables[f"workers-{alias}"]
-        assert header == ["Name", "Status", "Concurrency", "Completed tasks", "Running tasks",
-                          "Queues"]
-        assert len(rows) == 1  # default and twin share a Redis database, not their workers
-        name, status, concurrency, _completed, running, queues = rows[0]
-        assert (name, status, concurrency, running, queues) == (
-            worker_process.name, "online", "2", "0", EXPECTED_QUEUES[alias])
+        # default and twin share a Redis database, not their workers
+        [row] = [row for row in rows if row[1] == alias]
+        name, _app, status, concurrency, processed, queues = row
+        assert (name, status, concurrency, queues) == (
+            worker_process.name, "online", "2", EXPECTED_QUEUES[alias])
+        assert processed.isdigit()
+        assert summary[alias][1].startswith("Complete") and summary[alias][2] == "1"
+        assert summary[alias][-1] == "OK"
     assert f"amqp://guest:{MASK}@" in html and ":guest@" not in html
     assert 'http-equiv="refresh"' not in html
 
@@ -212,12 +218,14 @@ def test_an_unreachable_app_shows_its_error_in_place(viewer, session_workers):
     assert SECRET not in html
     tables = Tables(html).tables
     for alias in ("down_redis", "down_amqp"):
-        assert tables[f"workers-{alias}"][1] == ["No worker known."]
+        assert not [row for row in tables["workers-table"][1:] if row[1:2] == [alias]]
         section = html[html.index(f'id="app-{alias}"'):]
-        section = section[:section.index("</table>")]
+        section = section[:section.index("</tr>")]
         assert "Broker unreachable: OperationalError" in section
         assert f":{MASK}@127.0.0.1" in section
-    assert Tables(html).tables["workers-default"][1][1] == "online"
+        assert "unreachable" in section[section.index('class="dca-health"'):]
+    [default_row] = [row for row in tables["workers-table"][1:] if row[1] == "default"]
+    assert default_row[2] == "online"
 
 
 @pytest.mark.workers
@@ -249,26 +257,57 @@ def test_worker_detail_of_an_unknown_worker_is_404(viewer, default_worker):
     assert viewer.get(url).status_code == 404
 
 
-def test_workers_page_queries_do_not_grow_with_workers(viewer, monkeypatch):
-    def fake(count: int):
-        def inspect_all(aliases=None):
-            return {alias: AppStatus(alias=alias, broker="redis://h/0", reachable=True,
-                                     error=None, workers=[
-                                         WorkerStatus(name=f"{alias}-{i}@h", status=Status.ONLINE,
-                                                      concurrency=4, completed=i, running=0,
-                                                      queues=[alias]) for i in range(count)])
-                    for alias in ("a", "b", "c")}
-        return inspect_all
+def fake_reading(count: int):
+    def inspect_all(aliases=None):
+        return {alias: AppStatus(alias=alias, broker="redis://h/0", reachable=True,
+                                 error=None, commands=["stats", "active_queues"], workers=[
+                                     WorkerStatus(name=f"{alias}-{i}@h{i % 7}",
+                                                  status=Status.ONLINE if i % 10 else
+                                                  Status.NO_REPLY, concurrency=4, processed=i,
+                                                  queues=[alias, f"q{i % 3}"])
+                                     for i in range(count)])
+                for alias in ("a", "b", "c")}
+    return inspect_all
 
+
+def test_workers_page_queries_do_not_grow_with_workers(viewer, monkeypatch):
     counts = {}
-    for workers in (1, 30):
-        monkeypatch.setattr(monitoring_admin, "inspect_all", fake(workers))
+    for workers in (1, 30, 2000):
+        monkeypatch.setattr(monitoring_admin, "inspect_all", fake_reading(workers))
         with CaptureQueriesContext(connection) as queries:
             html = viewer.get(reverse(WORKERS_URL)).content.decode()
-        assert html.count('class="dca-worker ') == 3 * workers
+        # One page of rows at most, whatever the fleet.
+        assert html.count('class="dca-worker ') == min(3 * workers, 100)
         counts[workers] = len(queries)
 
-    assert counts[1] == counts[30]
+    assert counts[1] == counts[30] == counts[2000]
+
+
+def test_workers_page_summary_first_then_filters_and_pages(viewer, monkeypatch):
+    monkeypatch.setattr(monitoring_admin, "inspect_all", fake_reading(2000))
+    started = time.monotonic()
+    html = viewer.get(reverse(WORKERS_URL)).content.decode()
+    first_page = time.monotonic() - started
+    tables = Tables(html).tables
+    summary = {row[0].split()[0]: row for row in tables["app-summary"][1:]}
+    # Counts per status, per app, before any row: online, no reply, offline, unknown.
+    assert summary["a"][2:6] == ["1800", "200", "0", "0"]
+    assert html.index('id="app-summary"') < html.index('id="workers-table"')
+    assert "6000 workers" in html and "page 1 of 60" in html
+    assert first_page < 2.0  # generous: a loaded 2-core machine; the bench measures it
+
+    def rows(**query):
+        page = Tables(viewer.get(reverse(WORKERS_URL), query).content.decode())
+        return page.tables["workers-table"][1:]
+
+    assert {row[1] for row in rows(app="b")} == {"b"}
+    assert {row[2] for row in rows(state="no reply")} == {"no reply"}
+    assert all("q1" in row[5] for row in rows(queue="q1", app="c"))
+    assert {row[0].rpartition("@")[2] for row in rows(host="@h3")} == {"h3"}
+    assert rows(host="nomatch") == [["No worker matches these filters."]]
+    last = rows(page="60")
+    assert len(last) == 100 and last[-1][0] == "c-1999@h4"  # apps in order, then the reading's
+    assert rows(page="999") == last  # out of range: the last page, not an error
 
 
 # -- lock holders -----------------------------------------------------------------------

@@ -97,11 +97,12 @@ def test_operator_reads_the_workers_page(browser, styled_live_server, default_wo
     assert browser.find_element(By.TAG_NAME, "h1").text == "Celery workers"
     for alias, worker in (("default", default_worker), ("global", global_worker),
                           ("twin", twin_worker)):
-        rows = browser.find_elements(By.CSS_SELECTOR, f"#workers-{alias} tbody tr")
+        rows = browser.find_elements(By.CSS_SELECTOR,
+                                     f'#workers-table tbody tr[data-app="{alias}"]')
         cells = [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "th, td")]
                  for row in rows]
         assert [row[0] for row in cells] == [worker.name]
-        assert cells[0][1].startswith("online") and cells[0][2] == "2"
+        assert cells[0][2].startswith("online") and cells[0][3] == "2"
     # The admin's stylesheet was applied (the page is the admin's, not bare HTML).
     header = browser.find_element(By.ID, "header")
     assert header.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "")

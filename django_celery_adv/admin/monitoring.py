@@ -16,10 +16,19 @@ Pages read through :mod:`django_celery_adv.monitoring` and
 :mod:`django_celery_adv.locks` (``holders``, ``force_release``), never a
 broker or lock server directly. A broker or lock backend that is down shows
 its error in place (a message after a force release) and the page still
-renders; a lock backend that failed is not asked again in the same request. The SQL queries of the
-workers page do not depend on the number of workers (the session and user,
-nothing per worker). Templates use only the admin's CSS and work without
-JavaScript; ``?refresh=N`` adds a plain meta refresh every N seconds.
+renders; a lock backend that failed is not asked again in the same request.
+
+The workers page serves the shared reading (:func:`~..monitoring.inspect_all`
+reuses one younger than ``MONITORING["READING_MAX_AGE"]``, so N operators
+with auto-refresh cause one broadcast, not N): a summary line per app first
+(counts per status, complete or partial), then one page of
+``MONITORING["PAGE_SIZE"]`` rows, filtered by app, state, queue and host.
+Serving a stored reading takes the same SQL queries for 10 or 2,000 workers
+(the session, the user, two per app). A worker's page asks that worker alone
+for its running tasks; a worker that does not answer (busy, gone) shows its
+last known values with their age, never a 404 while it is in the record.
+Templates use only the admin's CSS and work without JavaScript;
+``?refresh=N`` adds a plain meta refresh every N seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -38,12 +48,14 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from .. import conf
 from ..beat.health import app_health
 from ..exceptions import CeleryAdvError
 from ..locks import force_release
 from ..locks.operations import HolderReader, describe_backend, masked_error
 from ..models import LockDefinition, Monitoring
-from ..monitoring import inspect_all
+from ..monitoring import FULL_COMMANDS, Status, inspect_all, read_worker
+from ..monitoring import table as workers_table
 from ..registry import apps
 from .queues import QueuePages
 from .worker_control import WorkerControlPages
@@ -146,9 +158,26 @@ class MonitoringAdmin(admin.ModelAdmin):
 
     def changelist_view(self, request: HttpRequest,
                         extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        """The workers page: one table per app."""
+        """The workers page: a summary per app, then one filtered page of workers."""
         self._require_view(request)
         statuses = list(inspect_all().values())
+        filters = workers_table.Filters.from_query(request.GET)
+        matching = workers_table.matching(statuses, filters)
+        page = Paginator(matching, int(conf.monitoring("PAGE_SIZE"))).get_page(
+            request.GET.get("page"))
+        now = timezone.now()
+        table = {
+            "summaries": workers_table.summaries(statuses,
+                                                 float(conf.monitoring("SILENT_WINDOW"))),
+            "filters": filters, "page": page, "matching": len(matching),
+            "rows": workers_table.rows(page.object_list, now),
+            "columns": [label for _field, label in workers_table.COLUMNS],
+            "queue_names": workers_table.queue_names(statuses),
+            "state_names": [status.value for status in Status],
+            "previous_query": filters.query(page=str(page.number - 1))
+            if page.has_previous() else None,
+            "next_query": filters.query(page=str(page.number + 1)) if page.has_next() else None,
+        }
         try:  # beat health of the same apps (the beat processes page has the details)
             beat_summary = list(app_health([s.alias for s in statuses]).values())
         except DatabaseError as e:
@@ -157,23 +186,39 @@ class MonitoringAdmin(admin.ModelAdmin):
             beat_error = None
         context = self._context(request, "Celery workers", statuses=statuses,
                                 beat_summary=beat_summary, beat_error=beat_error,
-                                **(extra_context or {}))
+                                **table, **(extra_context or {}))
         return TemplateResponse(request, self.workers_template, context)
 
     def worker_view(self, request: HttpRequest, alias: str, name: str) -> HttpResponse:
-        """One worker: status, pool, uptime, queues and the tasks it runs now."""
+        """One worker: status, pool, uptime, queues and the tasks it runs now.
+
+        Asked alone for its running tasks; when it does not answer, the last
+        values the record holds are shown with their age. 404 only for a
+        worker the record does not know and that does not answer either.
+        """
         self._require_view(request)
         if alias not in apps:
             raise Http404(f"No Celery app {alias!r}.")
         status = inspect_all([alias])[alias]
-        worker = status.worker(name)
+        known = status.worker(name)
+        live = read_worker(alias, name) if status.reachable else None
+        worker = live or known
         if worker is None and status.reachable:
             raise Http404(f"No worker {name!r} seen on app {alias!r}.")
         started_at = None
-        if worker is not None and worker.uptime is not None:
-            started_at = status.read_at - timedelta(seconds=worker.uptime)
-        context = self._context(request, f"Worker {name}", status=status, worker=worker,
-                                worker_name=name, started_at=started_at)
+        if worker is not None and worker.uptime is not None and worker.values_at is not None:
+            started_at = worker.values_at - timedelta(seconds=worker.uptime)
+        now = timezone.now()
+        context = self._context(
+            request, f"Worker {name}", status=status, worker=worker, worker_name=name,
+            started_at=started_at, live=live is not None,
+            values_age=worker.values_age(now) if worker is not None and live is None else None,
+            no_reply_timeout=conf.get("INSPECT_TIMEOUT"),
+            facts=workers_table.facts(
+                worker, list(FULL_COMMANDS) if live else status.commands,
+                live is not None or (worker.values_at is not None
+                                     and worker.values_at == status.read_at))
+            if worker else [])
         return TemplateResponse(request, self.worker_template, context)
 
     def locks_view(self, request: HttpRequest) -> HttpResponse:
