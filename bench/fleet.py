@@ -80,7 +80,10 @@ BATCH = 500
 COALESCE = 0.0005
 #: Pid of simulated worker 0; worker i has pid BASE_PID + 10 * i (pool: the next ones).
 BASE_PID = 100_000
-#: Default reply latency: a busy but healthy worker (median 3 ms, long tail).
+#: Default reply latency: a busy but healthy worker, median 3 ms with a long tail
+#: (1 reply in 100 over 12 ms). An idle real prefork worker answers each of the
+#: reading's commands in about 2 ms round trip here (``round_trip_ms_median`` in
+#: bench/fleet_sample.json, measured by bench/fleet_capture.py).
 DEFAULT_LATENCY = "lognormal:0.003,0.6"
 #: Commands the simulated fleet itself (not a worker) answers when addressed by name.
 SELF_COMMANDS = ("ping", "fleet_stats")

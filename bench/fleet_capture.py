@@ -11,7 +11,9 @@ running so that ``active`` and ``query_task`` have something to say, sends
 every command the simulator answers through Celery's own ``inspect`` API (the
 arguments Celery and Flower send) and stores each reply exactly as the worker
 sent it, with the worker's hostname, pid and task id recorded beside them so
-that :mod:`bench.fleet` can substitute its own.
+that :mod:`bench.fleet` can substitute its own. It also records the median
+round trip of each of the reading's commands to this worker (idle but for
+the task), the ground for the simulator's default latency.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -73,6 +76,18 @@ def capture() -> dict:
         replies["no_such_command"] = one(unknown[0] if unknown else None, "no_such_command")
         stats = replies["stats"]
         result.revoke(terminate=True)
+        # What a reply costs a real worker, round trip from this process: the
+        # ground for the simulator's default latency.
+        round_trip = {}
+        with app.connection_for_write() as connection:
+            for command in ("ping", "stats", "active", "active_queues"):
+                times = []
+                for _ in range(21):
+                    started = time.perf_counter()
+                    getattr(app.control.inspect(destination=[worker.name], timeout=2.0,
+                                                limit=1, connection=connection), command)()
+                    times.append(time.perf_counter() - started)
+                round_trip[command] = round(statistics.median(times) * 1000, 2)
         return {
             "about": "Control replies of one real prefork worker (bench/fleet_capture.py); "
                      "bench/fleet.py substitutes hostname, pids and task id.",
@@ -81,6 +96,7 @@ def capture() -> dict:
             "hostname": worker.name, "pid": stats["pid"],
             "pool_pids": stats["pool"].get("processes", []),
             "task_id": result.id, "replies": replies,
+            "round_trip_ms_median": round_trip,
         }
     finally:
         worker.stop()
