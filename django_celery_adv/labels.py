@@ -51,6 +51,15 @@ FIELD_LABELS: dict[str, Promise] = {
     "last_tick": _("last tick"),
     "next_due_at": _("next due at"),
     "periodic_task": _("periodic task"),
+    "state": _("state"),
+    "worker": _("worker"),
+    "args": _("args"),
+    "kwargs": _("kwargs"),
+    "retryable": _("retryable"),
+    "result": _("result"),
+    "exception": _("exception"),
+    "traceback": _("traceback"),
+    "retries": _("retries"),
 }
 
 #: Model name -> (verbose name or None to keep the model's, verbose name plural).
@@ -61,6 +70,7 @@ MODEL_LABELS: dict[str, tuple[Promise | None, Promise]] = {
     "lockdefinitionchange": (None, _("lock definition change trackers")),
     "taskfailure": (None, _("task failures")),
     "periodictaskapp": (None, _("periodic task apps")),
+    "taskrecord": (None, _("tasks")),
 }
 
 
