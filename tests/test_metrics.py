@@ -121,11 +121,19 @@ def seed(now) -> None:
         TaskRecord.objects.create(task_id=str(uuid.uuid4()), state=state, **record)
     TaskRecord.objects.create(task_id=str(uuid.uuid4()), state="SUCCESS", runtime=1.0,
                               app_alias="global", name="reports.tasks.build", updated_at=now)
+    # Finished before the histogram window (300 s): counted nowhere.
+    TaskRecord.objects.create(task_id=str(uuid.uuid4()), state="SUCCESS", runtime=0.01,
+                              queue_wait=0.01, app_alias="default", name="t.add",
+                              updated_at=now - timedelta(seconds=400))
     TaskRecorderStats.objects.create(
         app_alias="default", events_seen=1000, events_dropped=7,
         last_event_at=now - timedelta(seconds=30),
         task_counts={"t.add": {"RECEIVED": 10, "STARTED": 9, "SUCCESS": 8, "FAILURE": 1},
-                     "(other)": {"SUCCESS": 4}})
+                     "(other)": {"SUCCESS": 4}},
+        workers={"w3@h": {"active": 4, "heartbeat_at": time.time() - 2},
+                 "w1@h": {"active": 1, "heartbeat_at": time.time() - 1},
+                 "w4@h": {"active": 9, "heartbeat_at": time.time() - 500},
+                 "w5@h": {"active": 0, "heartbeat_at": time.time() - 1, "offline": True}})
     failure = {"task_name": "t.add", "exception_type": "ValueError", "first_seen": now,
                "last_seen": now, "count": 1}
     TaskFailure.objects.create(fingerprint="a", app_alias="default", **failure)
@@ -151,19 +159,19 @@ def test_scrape_shows_the_stored_numbers(operator_client, seen_workers):
     assert v("celery_adv_tasks_total", app="default", name="(other)", state="SUCCESS") == 4
     assert v("celery_adv_tasks_unfinished", app="default", name="t.add", state="STARTED") == 2
     assert v("celery_adv_tasks_unfinished", app="default", name="t.add", state="RECEIVED") == 1
-    # Finished records only: 0.02, 0.07, 0.3, 2.0.
+    # Records finished within the window only: 0.02, 0.07, 0.3, 2.0.
     runtime = {le: v("celery_adv_task_runtime_seconds_bucket", app="default", name="t.add",
                      le=le) for le in ("0.05", "0.1", "0.5", "1.0", "5.0", "+Inf")}
     assert runtime == {"0.05": 1, "0.1": 2, "0.5": 3, "1.0": 3, "5.0": 4, "+Inf": 4}
-    assert v("celery_adv_task_runtime_seconds_count", app="default", name="t.add") == 4
-    assert v("celery_adv_task_runtime_seconds_sum", app="default",
+    assert v("celery_adv_task_runtime_seconds_gcount", app="default", name="t.add") == 4
+    assert v("celery_adv_task_runtime_seconds_gsum", app="default",
              name="t.add") == pytest.approx(2.39)
     # Queue wait per app: 0.001, 0.05, 0.2, 0.6 (the global app's record has none).
     assert v("celery_adv_task_queue_wait_seconds_bucket", app="default", le="0.05") == 2
     assert v("celery_adv_task_queue_wait_seconds_bucket", app="default", le="0.5") == 3
-    assert v("celery_adv_task_queue_wait_seconds_count", app="default") == 4
-    assert v("celery_adv_task_queue_wait_seconds_count", app="global") is None
-    assert v("celery_adv_task_runtime_seconds_count", app="global",
+    assert v("celery_adv_task_queue_wait_seconds_gcount", app="default") == 4
+    assert v("celery_adv_task_queue_wait_seconds_gcount", app="global") is None
+    assert v("celery_adv_task_runtime_seconds_gcount", app="global",
              name="reports.tasks.build") == 1
     assert v("celery_adv_events_total", app="default") == 1000
     assert v("celery_adv_events_dropped_total", app="default") == 7
@@ -175,10 +183,17 @@ def test_scrape_shows_the_stored_numbers(operator_client, seen_workers):
     assert v("celery_adv_beat_leader", app="global") == 0
     assert 19 <= v("celery_adv_beat_last_tick_age_seconds", app="default") < 60
     assert v("celery_adv_beat_last_tick_age_seconds", app="global") is None
-    # w2 was last seen 300 s ago, beyond MONITORING["SILENT_WINDOW"] (60 s).
-    assert v("celery_adv_workers_up", app="default") == 1
-    assert v("celery_adv_worker_up", app="default", worker="w1@h") == 1
-    assert v("celery_adv_worker_up", app="default", worker="w2@h") == 0
+    # w2 was last seen 300 s ago, beyond MONITORING["SILENT_WINDOW"] (60 s); w3 only
+    # heartbeats; w4's last heartbeat is too old; w5 said it went offline.
+    assert v("celery_adv_workers_up", app="default") == 2
+    up = {name: v("celery_adv_worker_up", app="default", worker=name)
+          for name in ("w1@h", "w2@h", "w3@h", "w4@h", "w5@h")}
+    assert up == {"w1@h": 1, "w2@h": 0, "w3@h": 1, "w4@h": 0, "w5@h": 0}
+    # Active tasks from fresh heartbeats only (w4's 9 is stale: unknown, no series).
+    assert v("celery_adv_worker_tasks_active", app="default", worker="w3@h") == 4
+    assert v("celery_adv_worker_tasks_active", app="default", worker="w1@h") == 1
+    assert v("celery_adv_worker_tasks_active", app="default", worker="w4@h") is None
+    assert v("celery_adv_tasks_active", app="default") == 5
     assert v("celery_adv_workers_up", app="twin") == 0
     assert not [key for key in found if key[0] == "celery_adv_scrape_error"]
     # Every series carries the app label, and every name is one the collector declares.
@@ -239,15 +254,18 @@ def test_workers_and_active_tasks_come_from_the_stored_reading(operator_client, 
     stored, and sends nothing to the worker itself."""
     from tests.testapp.monitoring_tasks import monitored_sleep
 
-    result = monitored_sleep.apply_async(args=[3])
+    result = monitored_sleep.apply_async(args=[5])
     deadline = time.monotonic() + 20
+    status = None
+    with_active = {"stats": {}, "active": {"safe": True}, "active_queues": {}}
     while time.monotonic() < deadline:
-        worker = monitoring.inspect_all(["default"])["default"].worker(default_worker.name)
+        status = monitoring.inspect_all(["default"], max_age=0, commands=with_active)["default"]
+        worker = status.worker(default_worker.name)
         if worker is not None and (worker.running or 0) >= 1:
             break
         time.sleep(0.1)
     else:
-        pytest.fail(f"the task never showed up as running ({result.state})")
+        pytest.fail(f"the task never showed up as running ({result.state}): {status}")
     with counting_broadcasts() as sent:
         found = scrape(operator_client)
     assert sent == []
@@ -258,6 +276,30 @@ def test_workers_and_active_tasks_come_from_the_stored_reading(operator_client, 
     assert value(found, "celery_adv_tasks_active", app="default") >= 1
     assert 0 <= value(found, "celery_adv_reading_age_seconds", app="default") < 20
     result.get(timeout=30)
+
+
+def test_our_text_is_what_prometheus_client_writes(db):
+    """render() writes the text itself (speed): byte for byte generate_latest's output,
+    label values with quotes, backslashes, newlines and non-ASCII included."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from django_celery_adv.metrics import CeleryAdvCollector, render
+
+    now = timezone.now()
+    seed(now)
+    odd = 'odd "name" \\ with\nnewline, \u00e9t\u00e9'
+    TaskRecord.objects.create(app_alias="twin", task_id="odd", name=odd, state="SUCCESS",
+                              runtime=0.2, updated_at=now)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CeleryAdvCollector())
+    expected = generate_latest(registry).decode()
+    ours = render()[0].decode()
+    strip = re.compile(r"^celery_adv_scrape_duration_seconds.*\n|"
+                       r"^celery_adv_reading_age_seconds.*\n|"
+                       r"^celery_adv_\w+_age_seconds.*\n", re.M)
+    assert strip.sub("", ours) == strip.sub("", expected)
+    assert value(samples(ours), "celery_adv_task_runtime_seconds_gcount", app="twin",
+                 name=odd) == 1
 
 
 def test_only_our_registry(operator_client):
@@ -385,6 +427,7 @@ def test_check_e019():
     assert checks.check_metrics({}) == []
     assert checks.check_metrics({"TOKEN": TOKEN, "QUEUE_TIMEOUT": 0.2}) == []
     for bad in ({"TOKEN": "short"}, {"TOKEN": 12345678901234567}, {"QUEUE_TIMEOUT": 0},
+                {"HISTOGRAM_WINDOW": -1},
                 {"QUEUE_TIMEOUT": True}, {"TOKENS": TOKEN}, ["TOKEN"]):
         messages = checks.check_metrics(bad)
         assert [m.id for m in messages] == ["django_celery_adv.E019"], bad
