@@ -346,7 +346,8 @@ class TaskRecord(models.Model):
     are masked (:mod:`django_celery_adv.masking`) and shortened;
     ``retryable`` says the stored ``args``/``kwargs`` are the task's
     argument reprs exactly as the worker sent them (nothing masked or cut), so
-    "retry" may resend them if they are Python literals. ``runtime`` is the worker's own figure (succeeded) or failed - started;
+    "retry" may resend them if they are Python literals. ``runtime`` is the
+    worker's own figure (succeeded) or failed - started;
     ``queue_wait`` is started - received. Rows are pruned by age and count per
     app (``CELERY_ADV["EVENTS"]``, ``manage.py prune_tasks``).
 
@@ -380,7 +381,7 @@ class TaskRecord(models.Model):
     started_at = models.DateTimeField("started", null=True, blank=True)
     succeeded_at = models.DateTimeField("succeeded", null=True, blank=True)
     failed_at = models.DateTimeField("failed", null=True, blank=True)
-    runtime = models.FloatField("runtime (s)", null=True, blank=True)
+    runtime = models.FloatField("runtime (s)", null=True, blank=True, db_index=True)
     queue_wait = models.FloatField("queue wait (s)", null=True, blank=True)
     retries = models.PositiveIntegerField(default=0)
     parent_id = models.CharField("parent id", max_length=255, blank=True, db_index=True)
@@ -399,7 +400,8 @@ class TaskRecord(models.Model):
             ("terminate_taskrecord", "Can terminate a running task"),
         ]
         constraints = [
-            models.UniqueConstraint(fields=["app_alias", "task_id"], name="dca_task_unique"),
+            # task_id first: the index also serves lookups by id alone (search, links).
+            models.UniqueConstraint(fields=["task_id", "app_alias"], name="dca_task_unique"),
         ]
         indexes = [
             models.Index(fields=["app_alias", "id"], name="dca_task_app_id"),

@@ -227,6 +227,8 @@ def test_recorder_restarted_mid_stream_keeps_every_final_state_delivered(
     assert before
     recorder_factory(alias, tag="-second")
     ready = time.time()
+    # The stream goes on across the restart, however long the restart took.
+    ids += [TASKS[alias]["work"].delay(i, 0.05).id for i in range(40, 60)]
     results = [apps[alias].AsyncResult(task_id) for task_id in ids]
     for result in results:
         assert result.get(timeout=30) is not None
@@ -394,7 +396,7 @@ def test_action_needs_its_permission_and_is_logged(action, default_worker):
         assert apps["default"].AsyncResult(new_id).get(timeout=15) == 42
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # PostgreSQL: a failed query ends a transaction
 def test_dead_broker_gives_a_message_and_dead_database_a_readable_page():
     dead = {**settings.CELERY_ADV,
             "APPS": {**settings.CELERY_ADV["APPS"],

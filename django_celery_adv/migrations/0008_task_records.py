@@ -49,7 +49,7 @@ class Migration(migrations.Migration):
                 ('started_at', models.DateTimeField(blank=True, null=True, verbose_name='started')),
                 ('succeeded_at', models.DateTimeField(blank=True, null=True, verbose_name='succeeded')),
                 ('failed_at', models.DateTimeField(blank=True, null=True, verbose_name='failed')),
-                ('runtime', models.FloatField(blank=True, null=True, verbose_name='runtime (s)')),
+                ('runtime', models.FloatField(blank=True, db_index=True, null=True, verbose_name='runtime (s)')),
                 ('queue_wait', models.FloatField(blank=True, null=True, verbose_name='queue wait (s)')),
                 ('retries', models.PositiveIntegerField(default=0)),
                 ('parent_id', models.CharField(blank=True, db_index=True, max_length=255, verbose_name='parent id')),
@@ -63,7 +63,7 @@ class Migration(migrations.Migration):
                 'permissions': [('retry_taskrecord', 'Can retry a task with the same arguments'), ('revoke_taskrecord', 'Can revoke a task'), ('terminate_taskrecord', 'Can terminate a running task')],
                 'default_permissions': ('view', 'delete'),
                 'indexes': [models.Index(fields=['app_alias', 'id'], name='dca_task_app_id'), models.Index(fields=['app_alias', 'updated_at'], name='dca_task_app_updated'), models.Index(fields=['state', 'id'], name='dca_task_state_id')],
-                'constraints': [models.UniqueConstraint(fields=('app_alias', 'task_id'), name='dca_task_unique')],
+                'constraints': [models.UniqueConstraint(fields=('task_id', 'app_alias'), name='dca_task_unique')],
             },
         ),
     ]
