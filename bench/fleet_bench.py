@@ -98,6 +98,20 @@ def flower_version() -> str:
     return version("flower")
 
 
+def code_version() -> str:
+    """The commit measured: ``BENCH_COMMIT``, else git's HEAD (+ whether the package differs)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "django_celery_adv"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} with uncommitted changes in django_celery_adv/" if dirty else head
+
+
 def cpu_of(pid: int) -> float:
     """utime + stime of a process, seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -309,6 +323,7 @@ def main() -> int:
                         for name in VARIANTS) + " ms" for n in SIZES) + " |")
         sections.append("\n".join(rows))
     body = (
+        f"Code measured: {code_version()}. "
         "Simulated fleets (`bench/fleet.py`: one subprocess per app answering as N workers "
         "with a real prefork worker's recorded replies, reply latency "
         f"`{LATENCY}` per worker and command) on a Redis server of the benchmark's own and "
