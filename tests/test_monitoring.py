@@ -270,8 +270,11 @@ def test_silent_known_workers_are_unknown_not_down(default_worker):
     assert (ghost.concurrency, ghost.completed, ghost.running, ghost.queues) == (None,) * 4
     assert ghost.values_at is None  # never read: nothing to show, not "0"
     assert by_name["old@nowhere"].status == Status.OFFLINE
-    # Known from heartbeats only, they were not waited for: the reading is complete.
-    assert not status.partial and status.healthy
+    # The ghost, believed alive, sent nothing: the reading says so (it was not
+    # waited for: it did not answer the last reading). The old one is offline.
+    assert status.partial and status.missing == 1 and set(status.unread_by) == {"ghost@nowhere"}
+    assert status.problem(window=60) is None  # seen 5 s ago: tolerated
+    assert status.problem(window=1).startswith("partial reading")
 
     with with_down_apps():
         mark_seen("down_redis", "ghost@nowhere", now)
@@ -314,7 +317,8 @@ def test_a_worker_that_stops_answering_keeps_its_last_values(default_worker):
     started = time.monotonic()
     again = inspect_all(["default"], timeout=0.6, max_age=0)["default"]
     assert time.monotonic() - started < 0.5
-    assert again.worker("busy@nowhere").concurrency == 2 and not again.partial
+    assert again.worker("busy@nowhere").concurrency == 2
+    assert again.partial and again.missing == 1  # but it is still not read
 
 
 def test_as_dict_is_json_ready(default_worker):

@@ -75,14 +75,6 @@ class Tally:
             if count + 1 == self.size:
                 self.pending -= 1
 
-    def unread(self) -> dict[str, list[str]]:
-        """node -> commands it owes, for the expected workers and those that answered."""
-        owing: dict[str, list[str]] = {}
-        for node in self.expected | set(self.answered):
-            if self.answered.get(node, 0) < self.size:
-                owing[node] = [command for command, by_node in self.replies.items()
-                               if node not in by_node]
-        return owing
 
 
 def connect(app: Celery, timeout: float) -> Any:

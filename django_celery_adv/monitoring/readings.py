@@ -142,9 +142,10 @@ class AppStatus:
     duration: float = 0.0
     #: The commands this reading asked.
     commands: list[str] = field(default_factory=list)
-    #: Replies asked for and not read (a worker x command each).
+    #: Replies asked for and not read (a worker x command each): those a worker
+    #: that answered did not send in time, and all of a "no reply" worker's.
     unread: int = 0
-    #: Workers expected (they answered the previous reading) that sent nothing.
+    #: Workers believed alive ("no reply": seen within OFFLINE_AFTER) that sent nothing.
     missing: int = 0
     #: worker -> commands it owes: the replies counted in ``unread``.
     unread_by: dict[str, list[str]] = field(default_factory=dict)

@@ -7,9 +7,10 @@ call. Per app it:
 2. reuses the stored reading if it is younger than
    ``MONITORING["READING_MAX_AGE"]`` seconds and asked at least the same
    commands (``shared=True``, no broadcast);
-3. else claims the app's reader row (one conditional UPDATE on
-   ``AppReading``; the claim lasts the timeout plus :data:`HARD_GRACE` and
-   is released when the reading is stored). The claimer broadcasts; a
+3. else (``max_age=0`` included) claims the app's reader row (one
+   conditional UPDATE on ``AppReading``; the claim lasts the timeout plus
+   :data:`HARD_GRACE` and is released when the reading is stored). The
+   claimer broadcasts; a
    process that finds the claim taken polls the row every
    :data:`POLL_INTERVAL` seconds and uses the reading the claimer stores, or
    reads itself when the claim expires unanswered (a claimer that died).
@@ -37,7 +38,7 @@ from ..masking import mask_text, mask_url, url_secrets
 from ..registry import apps
 from . import record as store
 from .collect import collect
-from .readings import AppStatus, WorkerStatus, build_worker
+from .readings import AppStatus, Status, WorkerStatus, build_worker
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,17 @@ def read_app(alias: str, timeout: float, known: store.Record,
     if tally is not None:
         for name in tally.answered:
             workers[name] = build_worker(name, tally.replies, now, secrets, read_at)
-        status.unread_by = tally.unread()
-        status.unread = sum(len(owed) for owed in status.unread_by.values())
-        status.missing = sum(1 for name in expected if name not in tally.answered)
-    workers.update({worker.name: worker for worker in store.silent_workers(
-        known, read_at, status.reachable, list(commands), skip=workers)})
+            if workers[name].unread:  # answered part of what was asked
+                status.unread_by[name] = list(workers[name].unread)
+    silent = store.silent_workers(known, read_at, status.reachable, list(commands),
+                                  skip=workers)
+    # Unread, too: every reply of a worker believed alive ("no reply": seen
+    # within OFFLINE_AFTER) that sent nothing, waited for or not.
+    missing = [worker for worker in silent if worker.status == Status.NO_REPLY]
+    status.unread_by.update({worker.name: list(commands) for worker in missing})
+    status.unread = sum(len(owed) for owed in status.unread_by.values())
+    status.missing = len(missing)
+    workers.update({worker.name: worker for worker in silent})
     status.workers = sorted(workers.values(), key=lambda worker: worker.name)
     status.duration = time.monotonic() - started
     return status
@@ -235,7 +242,7 @@ def inspect_all(aliases: Iterable[str] | None = None, timeout: float | None = No
             if shared is not None:
                 results[alias] = shared
                 continue
-        if in_db[alias] and max_age > 0 and not _db(
+        if in_db[alias] and not _db(
                 "claim", store.claim, alias, token, timeout + HARD_GRACE, default=True):
             waiting.append(alias)  # another process is reading it now
         else:
@@ -261,10 +268,16 @@ def inspect_all(aliases: Iterable[str] | None = None, timeout: float | None = No
     statuses: dict[str, AppStatus] = {}
     for alias in aliases:
         status = results.get(alias)
+        if status is None and alias not in threads:
+            # Waited for another process's reading, which did not arrive.
+            statuses[alias] = _unreachable(
+                alias, f"no answer: another process is reading this app and its reading "
+                       f"did not arrive within {timeout + HARD_GRACE:.1f} s",
+                records[alias], list(commands), duration=timeout + HARD_GRACE)
+            continue
         if status is None:
             # Still running: a broker that accepted the connection and then
-            # stalled (the daemon thread ends on its own socket timeouts), or a
-            # reader in another process that never delivered.
+            # stalled (the daemon thread ends on its own socket timeouts).
             status = _unreachable(
                 alias, f"no answer from the broker within {timeout + HARD_GRACE:.1f} s",
                 records[alias], list(commands), duration=timeout + HARD_GRACE)
