@@ -9,10 +9,12 @@ What is there when the scrapes run:
 * 30 real solo-pool worker processes (3 apps x 10, as ``bench.inspect_all``
   starts them), read once by ``inspect_all()`` so that the fleet record holds
   a stored reading of each app;
-* per app: the recorder's counters for 100 task names x 4 states
-  (``TaskRecorderStats``), ``BENCH_METRICS_RECORDS`` stored task records
-  (default 6,000 per app, spread over the 100 names, 90 % finished with a
-  runtime and a queue wait), a beat leader row, 10 open failure groups;
+* per app: the recorder's counters for 100 task names x 4 states and a fresh
+  heartbeat (active count) of each of its 10 workers (``TaskRecorderStats``);
+  ``BENCH_METRICS_RECORDS`` stored task records (default 100,000 per app,
+  over the 100 names, 1 % of them unfinished; ``BENCH_METRICS_RECENT``,
+  default 3,000, finished within the histogram window, the rest over the
+  week before); a beat leader row; 10 open failure groups;
 * 20 lock definitions on the database lock backend, 10 of them held;
 * the apps' queues on their real brokers (Redis and RabbitMQ), read at each
   scrape with ``METRICS["QUEUE_TIMEOUT"]``.
@@ -32,18 +34,20 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 ALIASES = ("default", "global", "twin")
 ROUNDS = int(os.environ.get("BENCH_METRICS_ROUNDS", "30"))
-RECORDS = int(os.environ.get("BENCH_METRICS_RECORDS", "6000"))
+RECORDS = int(os.environ.get("BENCH_METRICS_RECORDS", "100000"))
+RECENT = int(os.environ.get("BENCH_METRICS_RECENT", "3000"))
 NAMES = 100
 WORKERS = 10
 TOKEN = "bench-metrics-token-0123456789abcdef"
 TAG = "bench-metrics-"
 
 
-def seed() -> None:
+def seed(worker_names: dict[str, list[str]] | None = None) -> None:
     from datetime import timedelta
 
     from django.utils import timezone
@@ -61,18 +65,26 @@ def seed() -> None:
     now = timezone.now()
     unseed()
     names = [f"bench.tasks.task_{i:03d}" for i in range(NAMES)]
-    states = ["SUCCESS"] * 8 + ["FAILURE", "STARTED"]
+    week = 7 * 24 * 3600
     for alias in ALIASES:
+        heartbeats = {name: {"active": 1, "heartbeat_at": time.time(), "processed": 100}
+                      for name in (worker_names or {}).get(alias, [])}
         TaskRecorderStats.objects.update_or_create(app_alias=alias, defaults={
             "events_seen": 10**6, "events_dropped": 3, "last_event_at": now,
+            "workers": heartbeats,
             "task_counts": {name: {"RECEIVED": 500, "STARTED": 500, "SUCCESS": 480,
                                    "FAILURE": 20} for name in names}})
-        TaskRecord.objects.bulk_create([
-            TaskRecord(app_alias=alias, task_id=f"{TAG}{alias}-{i}", name=names[i % NAMES],
-                       state=states[i % len(states)], updated_at=now,
-                       runtime=None if states[i % len(states)] == "STARTED" else (i % 97) / 10,
-                       queue_wait=(i % 13) / 20)
-            for i in range(RECORDS)], batch_size=2000)
+        for start in range(0, RECORDS, 10000):
+            batch = []
+            for i in range(start, min(RECORDS, start + 10000)):
+                state = "STARTED" if i % 100 == 0 else "FAILURE" if i % 10 == 1 else "SUCCESS"
+                age = (i % 290) if i < RECENT else 600 + (i * 7919) % week
+                batch.append(TaskRecord(
+                    app_alias=alias, task_id=f"{TAG}{alias}-{i}", name=names[i % NAMES],
+                    state=state, updated_at=now - timedelta(seconds=age),
+                    runtime=None if state == "STARTED" else (i % 97) / 10,
+                    queue_wait=None if state == "STARTED" else (i % 13) / 20))
+            TaskRecord.objects.bulk_create(batch, batch_size=2000)
         BeatNode.objects.update_or_create(
             app_alias=alias, hostname=f"{TAG}host", pid=1,
             defaults={"role": "leader", "started_at": now, "last_tick": now,
@@ -155,6 +167,9 @@ def measure_metrics() -> dict:
             series[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     up = {alias: series.get(("celery_adv_workers_up", (("app", alias),))) for alias in ALIASES}
     assert all(count == WORKERS for count in up.values()), up
+    active = {alias: series.get(("celery_adv_tasks_active", (("app", alias),)))
+              for alias in ALIASES}
+    assert all(count == WORKERS for count in active.values()), active
     errors = [key for key in series if key[0] == "celery_adv_scrape_error"]
     assert not errors, errors
     names = {dict(labels).get("name") for name, labels in series
@@ -185,9 +200,23 @@ def measure_inspect_exporter(rounds: int = 3) -> dict:
             "broadcasts_per_scrape": len(broadcasts.sent) / rounds}
 
 
+def own_sqlite_file() -> None:
+    """On SQLite, a database file of this benchmark's own: the other benchmarks (the
+    fleet's thousands of simulated workers) leave their records in bench.sqlite3."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        db["NAME"] = Path(db["NAME"]).with_name("metrics.sqlite3")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db['NAME']}{suffix}").unlink(missing_ok=True)
+
+
 def main() -> int:
     from bench.inspect_all import Workers, setup_django
 
+    own_sqlite_file()
     setup_django()
     from django.db import connection
 
@@ -200,7 +229,9 @@ def main() -> int:
         workers.start(per_app=WORKERS)
         print(f"30 workers up in {time.monotonic() - started:.0f} s", flush=True)
         inspect_all(timeout=1.0)  # the stored reading the scrapes will use
-        seed()
+        seed_started = time.monotonic()
+        seed(workers.names)
+        print(f"seeded in {time.monotonic() - seed_started:.0f} s", flush=True)
         ours = measure_metrics()
         print(ours, flush=True)
         theirs = measure_inspect_exporter()
@@ -212,8 +243,10 @@ def main() -> int:
     queries = ", ".join(str(q) for q in ours["queries"])
     body = (
         f"3 apps (Redis, RabbitMQ, a second app on the same Redis) x {WORKERS} real solo-pool "
-        f"workers, {NAMES} task names per app in the recorder's counters, {RECORDS:,} stored "
-        "task records per app, 20 lock definitions on the database backend (10 held), "
+        f"workers (a stored reading and a heartbeat each), {NAMES} task names per app in the "
+        f"recorder's counters, {RECORDS:,} stored task records per app ({RECENT:,} finished "
+        "within the 5-minute histogram window, the rest over the week before), 20 lock "
+        "definitions on the database backend (10 held), "
         "10 open failure groups and a beat leader row per app; queue lengths read from the "
         f"real brokers at each scrape. `GET /celery-adv/metrics` with the bearer token, "
         f"Django's test client in process, {ROUNDS} requests after one warm-up.\n\n"

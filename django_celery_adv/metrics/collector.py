@@ -185,10 +185,15 @@ def read_tasks(scrape: Scrape, aliases: list[str]) -> None:
 
     from ..models import TaskRecord
 
-    rows = TaskRecord.objects.filter(app_alias__in=aliases)
-    for row in rows.filter(state__in=UNFINISHED_STATES).values(
+    # By state only, apps filtered here: with the app in the WHERE clause SQLite
+    # walks the (app, id) index over the whole history instead of the state index.
+    wanted = set(aliases)
+    for row in TaskRecord.objects.filter(state__in=UNFINISHED_STATES).values(
             "app_alias", "name", "state").annotate(n=Count("pk")).order_by():
-        scrape.add("tasks_unfinished", (row["app_alias"], row["name"], row["state"]), row["n"])
+        if row["app_alias"] in wanted:
+            scrape.add("tasks_unfinished", (row["app_alias"], row["name"], row["state"]),
+                       row["n"])
+    rows = TaskRecord.objects.filter(app_alias__in=aliases)
     since = timezone.now() - timedelta(seconds=float(conf.metrics("HISTOGRAM_WINDOW")))
     columns = {"task_runtime_seconds": "runtime", "task_queue_wait_seconds": "queue_wait"}
     aggregates: dict[str, Any] = {}
