@@ -68,6 +68,18 @@ def test_every_one_of_500_workers_is_complete_in_every_reading(fleets, alias):
     assert sorted(durations)[2] < 1.5, durations
 
 
+def test_2000_workers_complete_in_every_reading(fleets):
+    """Fails on the collector before issue 14 (quadratic completeness test, one BRPOP per
+    reply): its three readings had 2000, 1067 and 2000 of 2000 workers complete."""
+    fleet = fleets("default", 2000, latency="lognormal:0.003,0.6", prefix="big")
+    names = set(fleet.hostnames)
+    inspect_all(["default"], timeout=2.0, max_age=0)
+    for _ in range(3):
+        status = inspect_all(["default"], timeout=2.0, max_age=0)["default"]
+        assert not status.partial
+        assert {w.name for w in status.online if w.concurrency == 2 and w.queues} == names
+
+
 def test_replies_delayed_past_the_timeout_make_a_partial_reading(fleets):
     fleet = fleets("default", 300, latency="const:0.002", slow=30, slow_latency=1.2,
                    prefix="delayed")
