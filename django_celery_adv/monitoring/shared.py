@@ -295,11 +295,23 @@ def last_reading(alias: str) -> AppStatus | None:
     """The latest stored reading of ``alias`` (any age), without broadcasting; None if none.
 
     For readers that must never send a broadcast (``/metrics``): two queries.
-    ``read_at`` says how old it is; silent workers carry their last values.
+    ``read_at`` says how old it is; silent workers carry their last values
+    and ``last_seen`` (a reply or a heartbeat). With no reading yet but
+    heartbeats recorded, the workers are listed silent (``commands == []``).
     """
     apps[alias]
     known, _ = _load(alias)
-    return store.status_from_record(known, masked_broker(alias))
+    status = store.status_from_record(known, masked_broker(alias))
+    if status is None and known.workers:
+        # Workers known from heartbeats only (mark_seen), never read: listed
+        # silent with their last_seen; ``commands`` is empty and ``read_at``
+        # is the latest heartbeat.
+        latest = max(seen.last_seen for seen in known.workers.values())
+        status = AppStatus(alias=alias, broker=masked_broker(alias), reachable=True,
+                           error=None, read_at=latest, shared=True,
+                           workers=sorted(store.silent_workers(known, latest, True, []),
+                                          key=lambda worker: worker.name))
+    return status
 
 
 def mark_seen(alias: str, hostname: str, when: datetime | float | None = None) -> None:
