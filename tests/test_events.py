@@ -24,6 +24,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
+from django_celery_adv import monitoring
 from django_celery_adv.events import merge, store, worker_counters
 from django_celery_adv.events.recorder import AppRecorder
 from django_celery_adv.models import TaskFailure, TaskRecord, TaskRecorderStats
@@ -208,6 +209,8 @@ def test_200_tasks_of_mixed_outcomes_on_redis_and_rabbitmq(default_worker, globa
         assert counters.succeeded >= 80 and counters.loadavg and counters.heartbeat_at
         stats = TaskRecorderStats.objects.get(app_alias=alias)
         assert stats.events_dropped == 0 and stats.events_written >= 300
+        # Heartbeats reached the fleet's seen-workers record (monitoring.mark_seen_many).
+        assert worker.name in monitoring.load_seen(alias)
         assert stats.task_counts[f"events.{alias}.fail"]["FAILURE"] == 20
 
 
