@@ -466,3 +466,34 @@ def test_events_settings_checks():
     assert ids({"APPS": {"nope": {}}}) == ["E026"]
     assert ids({"APPS": {"default": {"MAX_PENDING": 5}}, "QUEUE_EXPIRES": -1}) == \
         ["E027", "E027"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recorder_reconnects_after_a_broker_restart():
+    from tests.faults.servers import RedisServer
+
+    server = RedisServer().start()
+    own = {**settings.CELERY_ADV, "APPS": {**settings.CELERY_ADV["APPS"],
+                                           "own": {"broker_url": server.url}}}
+    try:
+        with override_settings(CELERY_ADV=own):
+            app = apps["own"]
+            recorder = AppRecorder("own", {**store_settings(), "ENABLE_EVENTS_INTERVAL": 0}).start()
+
+            def recorded(task_id: str) -> bool:
+                with app.connection_for_write() as conn:
+                    app.events.Dispatcher(conn, hostname="w@fake", enabled=True).send(
+                        "task-succeeded", uuid=task_id, result="1", runtime=0.5)
+                return TaskRecord.objects.filter(task_id=task_id, state="SUCCESS").exists()
+
+            try:
+                wait_for(recorder.connected.is_set, 10)
+                wait_for(lambda: recorded("before-restart"), 10)
+                server.restart()
+                wait_for(lambda: recorded("after-restart"), 20,
+                         lambda: f"not recorded after the restart: {recorder.broker_error}")
+            finally:
+                recorder.stop()
+                recorder.join(10)
+    finally:
+        server.remove()
