@@ -8,6 +8,7 @@
 # Env: BENCH_LOCK_ROUNDS (300), BENCH_MASK_ROUNDS (5), BENCH_INSPECT_ROUNDS (30),
 #      BENCH_INSPECT_SLOW_ROUNDS (5), BENCH_PAGE_ROUNDS (20), BENCH_FAILOVERS (5),
 #      BENCH_STREAM_TASKS (3000), BENCH_REPLAY_EVENTS (60000), BENCH_TASK_ROWS (1000000),
+#      BENCH_METRICS_ROUNDS (30), BENCH_METRICS_RECORDS (100000), BENCH_METRICS_RECENT (3000),
 #      BENCH_FLEET_SIZES (10,100,300,1000,2000), BENCH_FLEET_ROUNDS (3),
 #      BENCH_SKIP="masking beat_failover ..." (bench modules not to run this time).
 set -euo pipefail
@@ -48,7 +49,8 @@ elif db["ENGINE"].endswith("mysql"):
     connection.close()
 PY
 echo "bench.sh: TEST_DB=${TEST_DB:-sqlite}, $(uptime)"
-for module in locks_roundtrip makespan inspect_all masking beat_failover fleet_bench recorder_bench; do
+for module in locks_roundtrip makespan inspect_all masking beat_failover fleet_bench recorder_bench \
+    metrics_bench; do
   if [[ " ${BENCH_SKIP:-} " == *" $module "* ]]; then
     echo "bench.sh: skipped bench.$module (BENCH_SKIP)"
     continue
