@@ -213,7 +213,8 @@ def fill_records(rows: int) -> None:
                           names[i % 100], "FAILURE" if failed else "SUCCESS",
                           f"w{i % 20}@bench", f"({i},)", "{}", True, "" if failed else str(i),
                           "ValueError('x')" if failed else "", "", now, now,
-                          None if failed else now, now if failed else None, 0.01, 0.001, 0,
+                          None if failed else now, now if failed else None,
+                          (i * 7919 % 10007) / 1000, (i * 104729 % 1009) / 1000, 0,
                           "", "", 0.0, now))
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.executemany(sql, batch)

@@ -231,8 +231,10 @@ class TaskRecordAdmin(admin.ModelAdmin):
         rows = TaskRecord.objects.filter(app_alias=record.app_alias)
         ids = {i for i in (record.parent_id, record.root_id) if i and i != record.task_id}
         linked = {r.task_id: r for r in rows.filter(task_id__in=ids)} if ids else {}
-        children = list(rows.filter(parent_id=record.task_id).exclude(pk=record.pk)
-                        .order_by("id")[:MAX_CHILDREN])
+        # Unordered in SQL so the planner takes the parent_id index, sorted here.
+        children = sorted(TaskRecord.objects.filter(parent_id=record.task_id)
+                          .exclude(pk=record.pk).order_by()[:MAX_CHILDREN],
+                          key=lambda child: child.pk)
         failure = None
         match = _EXCEPTION_CLASS.match(record.exception or "")
         if record.state == TaskRecord.State.FAILURE and match:
