@@ -254,7 +254,7 @@ def test_workers_and_active_tasks_come_from_the_stored_reading(operator_client, 
     stored, and sends nothing to the worker itself."""
     from tests.testapp.monitoring_tasks import monitored_sleep
 
-    result = monitored_sleep.apply_async(args=[5])
+    result = monitored_sleep.apply_async(args=[3])
     deadline = time.monotonic() + 20
     status = None
     with_active = {"stats": {}, "active": {"safe": True}, "active_queues": {}}
