@@ -201,6 +201,24 @@ def test_scrape_shows_the_stored_numbers(operator_client, seen_workers):
     assert {name for name, _ in found} <= metric_names()
 
 
+def test_pruning_the_history_never_lowers_a_counter(operator_client):
+    """Retention deletes task records; the task counters come from the recorder's
+    cumulative counters, so a prune is not a counter reset for Prometheus."""
+    from django_celery_adv.events.store import prune
+
+    seed(timezone.now())
+    before = scrape(operator_client)
+    assert prune("default", days=None, keep=0).by_count == 8
+    after = scrape(operator_client)
+    counters = {key: val for key, val in before.items() if key[0] == "celery_adv_tasks_total"}
+    assert len(counters) == 5
+    assert all(after[key] == val for key, val in counters.items())
+    assert value(before, "celery_adv_tasks_unfinished", app="default", name="t.add",
+                 state="STARTED") == 2
+    assert value(after, "celery_adv_tasks_unfinished", app="default", name="t.add",
+                 state="STARTED") is None
+
+
 def test_lock_holders_and_capacity(operator_client):
     backend = lock_backends["redis"]
     name = f"metrics-{uuid.uuid4().hex[:8]}"
