@@ -1,10 +1,10 @@
 """The Prometheus collector: what the database, the last readings and the brokers hold now.
 
-:class:`CeleryAdvCollector` is a ``prometheus_client`` custom collector. It is
-registered only in a :class:`~prometheus_client.CollectorRegistry` made for one
-scrape (:func:`render`), never in the library's global default registry, so a
-project's own metrics and ours never mix and importing this module has no
-side effect.
+:class:`CeleryAdvCollector` is a ``prometheus_client`` custom collector, never
+registered in the library's global default registry: :func:`render` runs it
+once per scrape, so a project's own metrics and ours never mix and importing
+this module has no side effect. A project that wants our series beside its own
+may register a ``CeleryAdvCollector()`` in its registry itself.
 
 Guarantees:
 
@@ -98,14 +98,14 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                 "task's).", ("app",)),
     "queue_length": ("gauge", "Messages ready in a queue, read from the broker.",
                      ("app", "queue")),
-    "workers_up": ("gauge", "Workers seen within MONITORING['SILENT_WINDOW'] in the last "
-                   "reading.", ("app",)),
+    "workers_up": ("gauge", "Workers seen within MONITORING['SILENT_WINDOW'] (a reading or "
+                   "a heartbeat).", ("app",)),
     "worker_up": ("gauge", "1 if the worker was seen within MONITORING['SILENT_WINDOW'].",
                   ("app", "worker")),
-    "tasks_active": ("gauge", "Tasks executing now on the app's workers, per the last "
-                     "reading.", ("app",)),
-    "worker_tasks_active": ("gauge", "Tasks executing now on one worker, per the last "
-                            "reading.", ("app", "worker")),
+    "tasks_active": ("gauge", "Tasks executing now on the app's workers, per their latest "
+                     "heartbeat, else the last reading.", ("app",)),
+    "worker_tasks_active": ("gauge", "Tasks executing now on one worker, per its latest "
+                            "heartbeat, else the last reading.", ("app", "worker")),
     "reading_age_seconds": ("gauge", "Age of the last workers reading used.", ("app",)),
     "lock_holders": ("gauge", "Live leases of a lock.", ("app", "lock", "backend")),
     "lock_capacity": ("gauge", "How many may hold a lock at once (0: paused).",
@@ -131,7 +131,7 @@ def metric_names() -> set[str]:
     for short, (kind, _, _) in METRICS.items():
         base = PREFIX + short
         if kind == "counter":
-            names.update({base + "_total", base + "_created"})
+            names.add(base + "_total")
         elif kind == "gaugehistogram":
             names.update({base + "_bucket", base + "_gsum", base + "_gcount"})
         else:
@@ -175,9 +175,9 @@ def read_tasks(scrape: Scrape, aliases: list[str]) -> None:
     """Unfinished-task gauges and the windowed histograms from ``TaskRecord`` rows.
 
     Two queries, both on an index range whatever the retention: the records in
-    an unfinished state, and the records updated within the window (grouped
-    by app, name and state; bucket counts summed here into the runtime
-    histogram per name and the queue-wait one per app).
+    an unfinished state, and the finished records updated within the window
+    (grouped by app and name: the runtime histogram per name; their bucket
+    counts summed here into the queue-wait one per app).
     """
     from datetime import timedelta
 
