@@ -17,7 +17,7 @@ What is there when the scrapes run:
   week before); a beat leader row; 10 open failure groups;
 * 20 lock definitions on the database lock backend, 10 of them held;
 * the apps' queues on their real brokers (Redis and RabbitMQ), read at each
-  scrape with ``METRICS["QUEUE_TIMEOUT"]``.
+  scrape with ``METRICS["SERVER_TIMEOUT"]``.
 
 Measured: the server time of ``GET /celery-adv/metrics`` with the bearer token
 (Django's test client in process, ``BENCH_METRICS_ROUNDS`` requests, default

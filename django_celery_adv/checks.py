@@ -27,7 +27,7 @@ E018    a ``MONITORING`` value is out of range (negative, a page size
         outside 10-1000, a window longer than ``FORGET_AFTER``)
 E019    ``METRICS`` is not a dict, has an unknown key, a ``TOKEN`` that
         is not None or a string of at least 16 characters, or a
-        ``QUEUE_TIMEOUT`` or ``HISTOGRAM_WINDOW`` that is not a number of
+        ``SERVER_TIMEOUT`` or ``HISTOGRAM_WINDOW`` that is not a number of
         seconds > 0
 E020    ``BEAT`` is not a dict or has an unknown key
 E021    a ``BEAT`` ``LOCK_BACKEND`` (global or an app's override) is
@@ -509,7 +509,7 @@ def check_metrics(value: Any) -> list[CheckMessage]:
             hint=_("e.g. %(example)s") % {
                 "example": "os.environ['CELERY_ADV_METRICS_TOKEN'], made with python -c "
                            "'import secrets; print(secrets.token_urlsafe(32))'."}))
-    for key in ("QUEUE_TIMEOUT", "HISTOGRAM_WINDOW"):
+    for key in ("SERVER_TIMEOUT", "HISTOGRAM_WINDOW"):
         seconds = value.get(key, defaults[key])
         if not (_number(seconds) and seconds > 0):
             messages.append(_error("E019", _("%(obj)s['%(key)s'] is %(value)s; expected a "

@@ -74,12 +74,13 @@ DEFAULTS: dict[str, Any] = {
     },
     # The /metrics view (django_celery_adv.metrics): TOKEN lets a Prometheus server
     # in with "Authorization: Bearer <TOKEN>" (None: only users with the
-    # view_monitoring permission); QUEUE_TIMEOUT bounds the broker read of queue
-    # lengths per app, in seconds; the runtime and queue-wait histograms count the
-    # tasks finished in the last HISTOGRAM_WINDOW seconds.
+    # view_monitoring permission); a scrape waits for the brokers (queue lengths)
+    # and the lock servers (holders) at most SERVER_TIMEOUT + 1 seconds; the runtime
+    # and queue-wait histograms count the tasks finished in the last HISTOGRAM_WINDOW
+    # seconds.
     "METRICS": {
         "TOKEN": None,
-        "QUEUE_TIMEOUT": 1.0,
+        "SERVER_TIMEOUT": 1.0,
         "HISTOGRAM_WINDOW": 300,
     },
 }

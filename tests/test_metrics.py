@@ -338,7 +338,7 @@ def test_dead_broker_and_lock_server_give_error_series(operator_client):
                                     "BACKEND": "django_celery_adv.locks.backends.redis."
                                                "RedisBackend",
                                     "OPTIONS": {"url": f"redis://:pw@127.0.0.1:{dead_port}/0"}}},
-              "METRICS": {"QUEUE_TIMEOUT": 0.5}}
+              "METRICS": {"SERVER_TIMEOUT": 0.5}}
     with override_settings(CELERY_ADV=config):
         LockDefinition.objects.create(name="on-a-dead-server", backend="deadlocks")
         LockDefinition.objects.create(name="also-on-it", backend="deadlocks")
@@ -364,9 +364,10 @@ def test_dead_broker_and_lock_server_give_error_series(operator_client):
     assert took < 5, took
 
 
-def test_a_stalled_broker_costs_at_most_the_queue_timeout(operator_client):
-    """A broker that accepts connections and never answers (a listening socket nobody
-    serves): the scrape still answers within QUEUE_TIMEOUT plus the grace."""
+def test_a_stalled_broker_or_lock_server_costs_at_most_the_server_timeout(operator_client):
+    """A server that accepts connections and never answers (a listening socket nobody
+    serves), as a broker and as a lock server whose own socket timeout is 5 s: the
+    scrape still answers within SERVER_TIMEOUT plus the grace, with error series."""
     import socket
 
     from django_celery_adv.metrics.collector import BACKGROUND_GRACE
@@ -374,20 +375,29 @@ def test_a_stalled_broker_costs_at_most_the_queue_timeout(operator_client):
     with socket.socket() as stalled:
         stalled.bind(("127.0.0.1", 0))
         stalled.listen(16)
-        port = stalled.getsockname()[1]
+        url = f"redis://127.0.0.1:{stalled.getsockname()[1]}/0"
         config = {**settings.CELERY_ADV,
-                  "APPS": {**settings.CELERY_ADV["APPS"],
-                           "stalled": {"broker_url": f"redis://127.0.0.1:{port}/0"}},
-                  "METRICS": {"QUEUE_TIMEOUT": 0.3}}
+                  "APPS": {**settings.CELERY_ADV["APPS"], "stalled": {"broker_url": url}},
+                  "LOCK_BACKENDS": {**settings.CELERY_ADV["LOCK_BACKENDS"], "stalledlocks": {
+                      "BACKEND": "django_celery_adv.locks.backends.redis.RedisBackend",
+                      "OPTIONS": {"url": url, "socket_timeout": 5}}},
+                  "METRICS": {"SERVER_TIMEOUT": 0.3}}
         with override_settings(CELERY_ADV=config):
+            LockDefinition.objects.create(name="on-a-stalled-server", backend="stalledlocks",
+                                          capacity=4)
             started = time.monotonic()
             found = scrape(operator_client)
             took = time.monotonic() - started
     assert took < 0.3 + BACKGROUND_GRACE + 0.5, took
-    errors = {dict(labels)["app"]: dict(labels)["error"] for name, labels in found
-              if name == "celery_adv_scrape_error"}
-    assert errors.get("stalled") == "BrokerError" or errors.get("*") == "Timeout", errors
+    errors = {(dict(labels)["app"], dict(labels)["source"]): dict(labels)["error"]
+              for name, labels in found if name == "celery_adv_scrape_error"}
+    assert errors.get(("*", "lock_servers")) == "Timeout", errors
+    assert errors.get(("stalled", "queues")) == "BrokerError" or \
+        errors.get(("*", "queues")) == "Timeout", errors
+    assert value(found, "celery_adv_lock_capacity", app="*", lock="on-a-stalled-server",
+                 backend="stalledlocks") == 4
     assert value(found, "celery_adv_workers_up", app="stalled") == 0
+    assert value(found, "celery_adv_task_failure_groups_open", app="stalled") == 0
 
 
 def test_a_failing_source_is_an_error_series_not_a_500(operator_client):
@@ -443,10 +453,10 @@ def test_no_token_configured_refuses_every_bearer(client, db):
 
 def test_check_e019():
     assert checks.check_metrics({}) == []
-    assert checks.check_metrics({"TOKEN": TOKEN, "QUEUE_TIMEOUT": 0.2}) == []
-    for bad in ({"TOKEN": "short"}, {"TOKEN": 12345678901234567}, {"QUEUE_TIMEOUT": 0},
+    assert checks.check_metrics({"TOKEN": TOKEN, "SERVER_TIMEOUT": 0.2}) == []
+    for bad in ({"TOKEN": "short"}, {"TOKEN": 12345678901234567}, {"SERVER_TIMEOUT": 0},
                 {"HISTOGRAM_WINDOW": -1},
-                {"QUEUE_TIMEOUT": True}, {"TOKENS": TOKEN}, ["TOKEN"]):
+                {"SERVER_TIMEOUT": True}, {"TOKENS": TOKEN}, ["TOKEN"]):
         messages = checks.check_metrics(bad)
         assert [m.id for m in messages] == ["django_celery_adv.E019"], bad
         assert "short" not in str(messages[0].msg)

@@ -21,10 +21,11 @@ Guarantees:
   histograms read the records updated within ``HISTOGRAM_WINDOW`` (an index
   range), the unfinished gauge the records in an unfinished state (an index
   range), the counters one row per app.
-* **Bounded.** The queue reads run in a thread while the database is read;
-  the scrape waits for them at most ``CELERY_ADV["METRICS"]["QUEUE_TIMEOUT"]``
-  + :data:`BACKGROUND_GRACE` seconds, then answers without them (error
-  series ``error="Timeout"``).
+* **Bounded.** The queue reads (``SERVER_TIMEOUT`` is their connect and
+  socket timeout) and the holders of locks on lock servers run in threads
+  while the database is read; the scrape waits for them at most
+  ``CELERY_ADV["METRICS"]["SERVER_TIMEOUT"]`` + :data:`BACKGROUND_GRACE`
+  seconds, then answers without them (error series ``error="Timeout"``).
 * **Never a 500 for a dead server.** Each source is read on its own; one that
   fails (a broker or lock server down, a table not migrated) leaves its series
   out and adds ``celery_adv_scrape_error{app, source, error} 1`` instead, with
@@ -148,6 +149,9 @@ class Scrape:
     readings: dict[str, Any] = field(default_factory=dict)
     #: alias -> the recorder's per-worker heartbeat entries (``TaskRecorderStats.workers``).
     heartbeats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (lock name, backend alias) of the definitions on the database / on a lock server.
+    database_locks: list[tuple[str, str]] = field(default_factory=list)
+    server_locks: list[tuple[str, str]] = field(default_factory=list)
 
     def family(self, short: str) -> Any:
         if short not in self.families:
@@ -327,7 +331,7 @@ def read_queue_lengths(scrape: Scrape, aliases: list[str]) -> None:
         from ..queues import read_queues
     except ImportError:  # this version has no queue reader
         return
-    timeout = conf.metrics("QUEUE_TIMEOUT")
+    timeout = conf.metrics("SERVER_TIMEOUT")
     statuses = {alias: reading for alias, reading in scrape.readings.items()
                 if reading is not None}
     for alias, reading in read_queues(aliases, statuses, timeout=timeout).items():
@@ -340,15 +344,31 @@ def read_queue_lengths(scrape: Scrape, aliases: list[str]) -> None:
 
 
 def read_locks(scrape: Scrape, aliases: list[str]) -> None:
-    """Holders and capacity of every lock definition (shared by all apps: ``app="*"``)."""
-    from ..locks.operations import HolderReader
+    """Capacity of every lock definition, and the holders of those on the database
+    lock backend (shared by all apps: ``app="*"``). The locks on lock servers are
+    left to :func:`read_lock_servers`, which runs in the background."""
     from ..models import LockDefinition
 
-    reader = HolderReader()
-    failed: set[str] = set()
     for name, backend, capacity in LockDefinition.objects.values_list(
             "name", "backend", "capacity"):
         scrape.add("lock_capacity", (ALL_APPS, name, backend), capacity)
+        settings = conf.lock_backend_settings().get(backend) or {}
+        on_database = settings.get("BACKEND") == conf.DATABASE_LOCK_BACKEND
+        (scrape.database_locks if on_database else scrape.server_locks).append((name, backend))
+    _read_holders(scrape, scrape.database_locks)
+
+
+def read_lock_servers(scrape: Scrape, aliases: list[str]) -> None:
+    """Holders of the locks on lock servers (Redis, ZooKeeper, etcd, MongoDB)."""
+    _read_holders(scrape, scrape.server_locks)
+
+
+def _read_holders(scrape: Scrape, locks: list[tuple[str, str]]) -> None:
+    from ..locks.operations import HolderReader
+
+    reader = HolderReader()  # a backend that failed is not asked again
+    failed: set[str] = set()
+    for name, backend in locks:
         reading = reader.read(name, backend)
         if reading.error is None:
             scrape.add("lock_holders", (ALL_APPS, name, backend), len(reading.leases))
@@ -383,13 +403,15 @@ def read_beat(scrape: Scrape, aliases: list[str]) -> None:
                        max(0.0, (now - health.leader.last_tick).total_seconds()))
 
 
-#: source name -> reader; each runs once per scrape, in this order.
+#: source name -> reader; each runs once per scrape, in this order (a background
+#: one starts at its turn, with what the ones before it found).
 SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
     "tasks": read_tasks,
     "recorder": read_recorder,
     "workers": read_workers,
-    "queues": read_queue_lengths,
     "locks": read_locks,
+    "queues": read_queue_lengths,
+    "lock_servers": read_lock_servers,
     "failures": read_failures,
     "beat": read_beat,
 }
@@ -397,8 +419,8 @@ SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
 
 #: Sources that wait on the network and never touch the database: they run in a
 #: thread of their own while the others read the database.
-BACKGROUND = frozenset({"queues"})
-#: Seconds a background source may take beyond ``METRICS["QUEUE_TIMEOUT"]``.
+BACKGROUND = frozenset({"queues", "lock_servers"})
+#: Seconds a background source may take beyond ``METRICS["SERVER_TIMEOUT"]``.
 BACKGROUND_GRACE = 1.0
 
 
@@ -421,14 +443,15 @@ class CeleryAdvCollector(Collector):
         for source, read in self.sources.items():
             if source in BACKGROUND:
                 # Network waits, no database: overlap them with the database sources.
-                private = Scrape(readings=dict(scrape.readings))
+                private = Scrape(readings=dict(scrape.readings),
+                                 server_locks=list(scrape.server_locks))
                 thread = threading.Thread(target=_run, args=(source, read, private, aliases),
                                           daemon=True, name=f"metrics-{source}")
                 thread.start()
                 background.append((source, thread, private))
             else:
                 _run(source, read, scrape, aliases)
-        deadline = time.monotonic() + float(conf.metrics("QUEUE_TIMEOUT")) + BACKGROUND_GRACE
+        deadline = time.monotonic() + float(conf.metrics("SERVER_TIMEOUT")) + BACKGROUND_GRACE
         for source, thread, private in background:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():  # a server that accepted and stalls: leave it behind
