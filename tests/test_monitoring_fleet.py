@@ -55,7 +55,8 @@ def test_every_one_of_500_workers_is_complete_in_every_reading(fleets, alias):
     names = set(fleet.hostnames)
 
     first = inspect_all([alias], timeout=2.0, max_age=0)[alias]  # discovery: waits 2 s
-    assert {worker.name for worker in first.online} == names
+    # (The session's real worker of the app may be there too.)
+    assert names <= {worker.name for worker in first.online}
     durations = []
     for _ in range(5):
         status = inspect_all([alias], timeout=2.0, max_age=0)[alias]
@@ -63,7 +64,7 @@ def test_every_one_of_500_workers_is_complete_in_every_reading(fleets, alias):
         assert not status.partial and status.unread == 0 and status.missing == 0
         complete = [worker for worker in status.online
                     if not worker.unread and worker.concurrency == 2 and worker.queues]
-        assert {worker.name for worker in complete} == names
+        assert names <= {worker.name for worker in complete}
     # Known workers end the reading long before its timeout.
     assert sorted(durations)[2] < 1.5, durations
 
@@ -77,7 +78,7 @@ def test_2000_workers_complete_in_every_reading(fleets):
     for _ in range(3):
         status = inspect_all(["default"], timeout=2.0, max_age=0)["default"]
         assert not status.partial
-        assert {w.name for w in status.online if w.concurrency == 2 and w.queues} == names
+        assert names <= {w.name for w in status.online if w.concurrency == 2 and w.queues}
 
 
 def test_replies_delayed_past_the_timeout_make_a_partial_reading(fleets):
@@ -85,7 +86,8 @@ def test_replies_delayed_past_the_timeout_make_a_partial_reading(fleets):
                    prefix="delayed")
     slow = set(fleet.hostnames[:30])
     # A reading long enough for the slow ones too: all 300 are in the record.
-    assert len(inspect_all(["default"], timeout=1.6, max_age=0)["default"].online) == 300
+    first = inspect_all(["default"], timeout=1.6, max_age=0)["default"]
+    assert set(fleet.hostnames) <= {worker.name for worker in first.online}
 
     status = inspect_all(["default"], timeout=0.5, max_age=0)["default"]
 
@@ -120,8 +122,12 @@ def test_two_apps_of_300_on_one_redis_database_never_list_each_others_workers(fl
 
     for timeout in (1.0, 1.0, 1.0):  # discovery, then with the record
         statuses = inspect_all(["default", "twin"], timeout=timeout, max_age=0)
-        assert {w.name for w in statuses["default"].workers} == set(mine.hostnames)
-        assert {w.name for w in statuses["twin"].workers} == set(theirs.hostnames)
+        # Exactly the fleet (and the session's real worker of the app, if it runs).
+        simulated = {"default": set(), "twin": set()}
+        for alias in simulated:
+            simulated[alias] = {w.name for w in statuses[alias].workers
+                                if w.name.startswith(("mine-", "theirs-"))}
+        assert simulated == {"default": set(mine.hostnames), "twin": set(theirs.hostnames)}
         assert not statuses["default"].partial and not statuses["twin"].partial
 
 
@@ -162,6 +168,7 @@ def test_a_fresh_process_knows_the_workers_from_the_database(fleets):
     read_ms = int(re.search(r"\(read in (\d+) ms\)", result.stdout).group(1))
     assert read_ms < 1500, result.stdout[:300]  # not the 3 s a discovery reading waits
     assert all(f"-> {name}: OK" in result.stdout for name in fleet.hostnames)
+    assert "PARTIAL" not in result.stdout
 
 
 def test_a_heartbeat_counts_as_seen():
