@@ -382,7 +382,11 @@ class FleetServer:
                     limit = time.monotonic() + COALESCE
                     batch = []
                     while self._heap and self._heap[0][0] <= limit and len(batch) < BATCH:
+                        if self._heap[0][2] < 0 and batch:
+                            break  # the fleet's own reply goes alone, after these count
                         batch.append(heapq.heappop(self._heap))
+                        if batch[-1][2] < 0:
+                            break
                 messages = []
                 for _, _, i, (request, reply) in batch:
                     if i >= 0:
@@ -678,16 +682,34 @@ class Fleet:
         includes the backlog of the reading just done; ``reset=True`` starts
         the lag counters afresh (one reading's lag at a time).
         """
-        from kombu import Connection
+        from kombu import Connection, Consumer
         from kombu.pidbox import Mailbox
 
+        answer: dict[str, Any] = {}
+        ticket = str(uuid.uuid4())
+
+        def on_reply(body: Any, message: Any) -> None:
+            if message.headers.get("ticket") == ticket and isinstance(body, dict):
+                answer.update(body)
+
+        deadline = time.monotonic() + timeout
         with Connection(self.broker_url, transport_options=self.transport_options) as conn:
             mailbox = Mailbox(self.control_exchange, type="fanout", accept=["json"],
                               serializer="json")(conn)
-            replies = mailbox._broadcast("fleet_stats", {"reset": reset},
-                                         destination=[self.info["node"]], reply=True,
-                                         timeout=timeout, limit=1)
-        return next(iter(replies[0].values())) if replies else {}
+            channel = conn.default_channel
+            with Consumer(channel, [mailbox.reply_queue], callbacks=[on_reply], no_ack=True,
+                          accept=["json"]):
+                mailbox._publish("fleet_stats", {"reset": reset},
+                                 destination=[self.info["node"]], reply_ticket=ticket,
+                                 channel=channel, timeout=timeout)
+                # Until our ticket's reply, whatever else the queue holds.
+                while not answer and time.monotonic() < deadline:
+                    with contextlib.suppress(socket.timeout, TimeoutError):
+                        conn.drain_events(timeout=max(0.01, deadline - time.monotonic()))
+        if not answer:
+            raise TimeoutError(f"the fleet {self.info['node']} did not answer fleet_stats "
+                               f"within {timeout} s")
+        return next(iter(answer.values()))
 
     def _read_line(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -232,8 +232,13 @@ def flower(flowers: dict[str, Flower], aliases: tuple[str, ...],
 
 def fleet_lag(fleets: dict[str, Any], aliases: tuple[str, ...]) -> float:
     """The simulators' worst lag since the last call (waits for their backlog)."""
-    return max(fleets[alias].counters(reset=True).get("max_lag", float("nan"))
-               for alias in aliases)
+    lags = []
+    for alias in aliases:
+        try:
+            lags.append(fleets[alias].counters(reset=True)["max_lag"])
+        except TimeoutError:  # a saturated fleet: its lag is unknown, not zero
+            lags.append(float("nan"))
+    return max(lags)
 
 
 def measure(aliases: tuple[str, ...], names: dict[str, set[str]],
