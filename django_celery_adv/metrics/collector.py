@@ -406,12 +406,12 @@ def read_beat(scrape: Scrape, aliases: list[str]) -> None:
 #: source name -> reader; each runs once per scrape, in this order (a background
 #: one starts at its turn, with what the ones before it found).
 SOURCES: dict[str, Callable[[Scrape, list[str]], None]] = {
-    "tasks": read_tasks,
     "recorder": read_recorder,
-    "workers": read_workers,
+    "workers": read_workers,      # uses the recorder's heartbeats
+    "queues": read_queue_lengths,  # background from here, uses the readings
     "locks": read_locks,
-    "queues": read_queue_lengths,
-    "lock_servers": read_lock_servers,
+    "lock_servers": read_lock_servers,  # background, the locks on lock servers
+    "tasks": read_tasks,
     "failures": read_failures,
     "beat": read_beat,
 }
