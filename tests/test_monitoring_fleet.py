@@ -17,7 +17,9 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from django_celery_adv import monitoring
@@ -149,6 +151,21 @@ def test_one_reading_is_shared_and_one_process_reads_at_a_time(fleets):
     assert "no answer" in waited.error
     AppReading.objects.filter(app_alias="default").update(reader="", reader_until=None)
     assert inspect_all(["default"], timeout=1.0, max_age=0)["default"].online
+
+
+def test_storing_a_reading_of_an_idle_fleet_takes_the_same_queries_at_any_size(fleets):
+    counts = {}
+    for size in (50, 1000):
+        forget_workers(["default"])
+        fleet = fleets("default", size, prefix=f"idle{size}")
+        inspect_all(["default"], timeout=1.5, max_age=0)  # discovery
+        inspect_all(["default"], timeout=1.5, max_age=0)
+        with CaptureQueriesContext(connection) as queries:
+            status = inspect_all(["default"], timeout=1.5, max_age=0)["default"]
+        assert not status.partial and len(status.online) >= size
+        counts[size] = len(queries)
+        fleet.stop()
+    assert counts[50] == counts[1000], counts
 
 
 @pytest.mark.django_db(transaction=True)  # the subprocess reads what this test stored

@@ -94,8 +94,11 @@ def save(status: AppStatus, known: Record | None = None) -> None:
     """Store a fresh reading: its answering workers' values and its summary; release the claim.
 
     Workers whose values equal those in ``known`` (the record the reading
-    started from) only get their times moved: one UPDATE per 500 of them;
-    the others one bulk upsert.
+    started from) only get their times moved: those that answered the
+    previous reading too in one UPDATE (by that reading's time, except the
+    few that did not stay the same), the rest per 500 names; changed
+    workers in one bulk upsert (batches of 500 rows). So a healthy, idle
+    fleet is stored with the same statements at 10 or 2,000 workers.
     """
     changed: list[SeenWorker] = []
     unchanged: list[str] = []
@@ -114,13 +117,23 @@ def save(status: AppStatus, known: Record | None = None) -> None:
     upsert = {"update_conflicts": True, "update_fields": ["last_seen", "values_at", "values"]}
     if connection.features.supports_update_conflicts_with_target:
         upsert["unique_fields"] = ["app_alias", "hostname"]
+    previous = known.read_at if known else None
+    expected = known.expected() if known else set()
+    same = set(unchanged) & expected
+    exceptions = sorted(expected - same)
+    rest = [name for name in unchanged if name not in same]
+    times = {"last_seen": status.read_at, "values_at": status.read_at}
     with transaction.atomic():
         if changed:
             SeenWorker.objects.bulk_create(changed, batch_size=BATCH_SIZE, **upsert)
-        for start in range(0, len(unchanged), BATCH_SIZE):
-            SeenWorker.objects.filter(
-                app_alias=status.alias, hostname__in=unchanged[start:start + BATCH_SIZE],
-            ).update(last_seen=status.read_at, values_at=status.read_at)
+        if same and len(exceptions) <= BATCH_SIZE:
+            SeenWorker.objects.filter(app_alias=status.alias, values_at=previous).exclude(
+                hostname__in=exceptions).update(**times)
+        else:
+            rest += sorted(same)
+        for start in range(0, len(rest), BATCH_SIZE):
+            SeenWorker.objects.filter(app_alias=status.alias,
+                                      hostname__in=rest[start:start + BATCH_SIZE]).update(**times)
         summary = {"read_at": status.read_at, "duration": status.duration,
                    "reachable": status.reachable, "error": status.error or "",
                    "commands": ",".join(status.commands), "unread": status.unread,
