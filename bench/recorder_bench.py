@@ -167,9 +167,9 @@ def replay_recorder(stream: list[dict], rate: float | None) -> dict:
     started = time.perf_counter()
     for index, event in enumerate(stream):
         if rate:
-            due = started + index / rate
-            if due > time.perf_counter():
-                time.sleep(due - time.perf_counter())
+            wait = started + index / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
         recorder.on_event({**event, "local_received": time.time()})
     recorder.consumer_done.set()
     writer.join()

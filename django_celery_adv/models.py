@@ -369,7 +369,7 @@ class TaskRecord(models.Model):
     app_alias = models.CharField("app", max_length=100)
     task_id = models.CharField("task id", max_length=255)
     name = models.CharField(max_length=255, blank=True, db_index=True)
-    state = models.CharField(max_length=20, choices=State.choices, db_index=True)
+    state = models.CharField(max_length=20, choices=State.choices)  # index: (state, id)
     worker = models.CharField(max_length=255, blank=True, db_index=True)
     args = models.TextField(blank=True)
     kwargs = models.TextField(blank=True)

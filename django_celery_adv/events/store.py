@@ -4,8 +4,7 @@ Guarantees:
 
 * **Batched.** :func:`write_batch` writes any number of changed tasks with a
   fixed number of statements per 500 tasks (one ``SELECT`` of the stored
-  rows, one ``executemany`` of an upsert) plus two for the counters, in one
-  transaction.
+  rows, one upsert) plus two for the counters, in one transaction.
 * **Order-independent.** Each change is merged into the stored row with
   :func:`.merge.merge`, the rule the recorder used in memory, so a late
   ``task-started`` never overwrites ``succeeded`` whatever the batches.
@@ -78,13 +77,24 @@ def _stored(alias: str, task_ids: list[str], using: str) -> dict[str, dict[str, 
     return stored
 
 
-def _upsert_sql(connection) -> str:
-    """One row's upsert keyed by (app_alias, task_id), in this database's dialect."""
+def _upsert_sql(connection, rows: int) -> str:
+    """An upsert of ``rows`` rows keyed by (app_alias, task_id), in this database's dialect.
+
+    PostgreSQL takes one array per column (``unnest``): a statement of 24
+    parameters whatever the row count, where a multi-row ``VALUES`` makes the
+    driver split a query of 12,000 placeholders in Python.
+    """
     quote = connection.ops.quote_name
     columns = ["app_alias", "task_id", *_UPDATE_FIELDS]
-    head = (f"INSERT INTO {quote(TaskRecord._meta.db_table)} "
-            f"({', '.join(quote(c) for c in columns)}) "
-            f"VALUES ({', '.join(['%s'] * len(columns))}) ")
+    names = ", ".join(quote(c) for c in columns)
+    table = quote(TaskRecord._meta.db_table)
+    if connection.vendor == "postgresql":
+        arrays = ", ".join(f"%s::{TaskRecord._meta.get_field(c).db_type(connection)}[]"
+                           for c in columns)
+        head = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
+    else:
+        values = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        head = f"INSERT INTO {table} ({names}) VALUES {', '.join([values] * rows)} "
     if connection.vendor == "mysql":
         return head + "ON DUPLICATE KEY UPDATE " + ", ".join(
             f"{quote(c)} = VALUES({quote(c)})" for c in _UPDATE_FIELDS)
@@ -92,19 +102,32 @@ def _upsert_sql(connection) -> str:
         ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in _UPDATE_FIELDS)
 
 
+def _upsert(connection, rows: list[list[Any]]) -> None:
+    """SQLite: ``executemany`` of a one-row statement (in-process, no round trips);
+    PostgreSQL: one statement of column arrays; others: one multi-row statement."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.executemany(_upsert_sql(connection, 1), rows)
+        elif connection.vendor == "postgresql":
+            cursor.execute(_upsert_sql(connection, len(rows)),
+                           [list(column) for column in zip(*rows, strict=True)])
+        else:
+            cursor.execute(_upsert_sql(connection, len(rows)),
+                           [value for row in rows for value in row])
+
+
 def write_batch(alias: str, changes: Mapping[str, dict[str, Any]]) -> BatchResult:
     """Merge ``changes`` (task id -> change from :func:`.merge.apply_event`) into the table.
 
     A change may carry ``_events`` (how many events it folds) and ``_states``
     (the state of each event, for the per-name counters); both are ignored by
-    the table. Per 500 tasks: one ``SELECT`` of the stored rows and one
-    ``executemany`` of an upsert (the ORM's ``bulk_create`` spends more time
-    building its statement than the database takes to run it).
+    the table. Per 500 tasks: one ``SELECT`` of the stored rows and one upsert
+    (the ORM's ``bulk_create`` spends more time building its statement than the
+    database takes to run it).
     """
     using = router.db_for_write(TaskRecord)
     connection = connections[using]
     adapt = connection.ops.adapt_datetimefield_value
-    sql = _upsert_sql(connection)
     now = adapt(timezone.now())
     result = BatchResult()
     ids = list(changes)
@@ -141,8 +164,8 @@ def write_batch(alias: str, changes: Mapping[str, dict[str, Any]]) -> BatchResul
                 for state in change.get("_states", ()):
                     per_name = result.counts.setdefault(name, {})
                     per_name[state] = per_name.get(state, 0) + 1
-            with connection.cursor() as cursor:
-                cursor.executemany(sql, rows)
+            if rows:
+                _upsert(connection, rows)
             result.tasks += len(rows)
     return result
 

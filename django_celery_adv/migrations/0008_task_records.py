@@ -37,7 +37,7 @@ class Migration(migrations.Migration):
                 ('app_alias', models.CharField(max_length=100, verbose_name='app')),
                 ('task_id', models.CharField(max_length=255, verbose_name='task id')),
                 ('name', models.CharField(blank=True, db_index=True, max_length=255)),
-                ('state', models.CharField(choices=[('PENDING', 'pending'), ('RECEIVED', 'received'), ('STARTED', 'started'), ('SUCCESS', 'succeeded'), ('FAILURE', 'failed'), ('RETRY', 'retried'), ('REVOKED', 'revoked'), ('REJECTED', 'rejected')], db_index=True, max_length=20)),
+                ('state', models.CharField(choices=[('PENDING', 'pending'), ('RECEIVED', 'received'), ('STARTED', 'started'), ('SUCCESS', 'succeeded'), ('FAILURE', 'failed'), ('RETRY', 'retried'), ('REVOKED', 'revoked'), ('REJECTED', 'rejected')], max_length=20)),
                 ('worker', models.CharField(blank=True, db_index=True, max_length=255)),
                 ('args', models.TextField(blank=True)),
                 ('kwargs', models.TextField(blank=True)),
