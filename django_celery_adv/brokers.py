@@ -43,8 +43,10 @@ def driver_type(app: Celery) -> str:
 
 
 def masked_error(app: Celery, error: BaseException) -> str:
-    """``ExceptionName: message`` with the app's broker passwords masked."""
-    return mask_text(f"{type(error).__name__}: {error}", app_secrets(app))
+    """``ExceptionName: message`` (the name alone if no message), passwords masked."""
+    text = str(error)
+    return mask_text(f"{type(error).__name__}: {text}" if text else type(error).__name__,
+                     app_secrets(app))
 
 
 @contextlib.contextmanager
@@ -58,7 +60,10 @@ def bounded_connection(app: Celery, timeout: float) -> Iterator[Connection]:
     timeout = max(float(timeout), 0.1)
     connection = app.connection_for_write(
         connect_timeout=timeout,
+        # socket_*: Redis; read_/write_timeout: py-amqp, whose connect_timeout
+        # covers only the handshake (a broker that stalls later would hang us).
         transport_options={"socket_connect_timeout": timeout, "socket_timeout": timeout,
+                           "read_timeout": timeout, "write_timeout": timeout,
                            "max_retries": 1, "interval_start": 0, "interval_step": 0})
     try:
         try:

@@ -256,3 +256,46 @@ def test_a_read_that_outlives_every_socket_timeout_is_given_up(monkeypatch):
     assert time.monotonic() - started < 2
     assert reading.error.startswith("no answer from the broker within")
     assert [(q.name, q.ready) for q in reading.queues] == [("celery", None)]
+
+
+def test_a_rabbitmq_that_stalls_after_the_handshake_is_an_error_within_the_timeout(monkeypatch):
+    """A partition after connecting: every later read and write is bounded too."""
+    from django_celery_adv import control, queues
+    from tests.faults.proxy import TcpProxy
+
+    amqp = urlsplit(settings.AMQP_URL)
+    proxy = TcpProxy(amqp.port or 5672)
+    url = amqp._replace(netloc=f"{amqp.username}:{amqp.password}@127.0.0.1:{proxy.port}")
+    read_amqp, broadcast = queues._read_amqp, celery_control.Control.broadcast
+
+    def partitioned(original):
+        def call(*args, **kwargs):
+            proxy.blackhole()  # connected; from now on nothing passes either way
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(queues, "_read_amqp", partitioned(read_amqp))
+    monkeypatch.setattr(celery_control.Control, "broadcast", partitioned(broadcast))
+    outcomes: dict[str, object] = {}
+
+    def run(what, call):
+        started = time.monotonic()
+        outcomes[what] = (call(), time.monotonic() - started)
+
+    try:
+        with with_apps(stalled={"broker_url": url.geturl()}):
+            for what, call in (("read", lambda: read_app("stalled", timeout=0.5)),
+                               ("control", lambda: control.send_command(
+                                   "stalled", "w@h", "ping", timeout=0.5))):
+                proxy.forward()
+                thread = threading.Thread(target=run, args=(what, call), daemon=True)
+                thread.start()
+                thread.join(5)
+                assert what in outcomes, f"{what}: still waiting after 5 s"
+    finally:
+        proxy.close()
+    reading, seconds = outcomes["read"]
+    assert reading.error and "timeout" in reading.error.lower() and seconds < 2.5, \
+        (reading.error, seconds)
+    reply, seconds = outcomes["control"]
+    assert not reply.ok and seconds < 2.5, (reply, seconds)
