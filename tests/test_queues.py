@@ -299,3 +299,31 @@ def test_a_rabbitmq_that_stalls_after_the_handshake_is_an_error_within_the_timeo
         (reading.error, seconds)
     reply, seconds = outcomes["control"]
     assert not reply.ok and seconds < 2.5, (reply, seconds)
+
+
+def test_celery_status_queues_keeps_to_its_timeout_on_a_stalled_broker():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
+                     daemon=True).start()
+    apps_setting = {**settings.CELERY_ADV["APPS"],
+                    "stall_redis": {"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"}}
+    try:
+        # A long default: only --timeout can make the command quick.
+        with override_settings(CELERY_ADV={**settings.CELERY_ADV, "APPS": apps_setting,
+                                           "INSPECT_TIMEOUT": 5.0}):
+            out = StringIO()
+            started = time.monotonic()
+            with pytest.raises(CommandError):
+                call_command("celery_status", "queues", "--app", "stall_redis", "--fresh",
+                             "--timeout", "0.3", stdout=out)
+            seconds = time.monotonic() - started
+    finally:
+        server.close()
+        for sock in held:
+            sock.close()
+    assert "Queues: ?" in out.getvalue() and SECRET not in out.getvalue()
+    assert seconds < 3, seconds

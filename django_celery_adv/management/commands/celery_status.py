@@ -157,7 +157,8 @@ class Command(BaseCommand):
         problems = {alias: status.problem(allow_partial=allow_partial, window=window)
                     for alias, status in statuses.items()}
         # Message counts per queue; the reading above says what workers consume.
-        depths = read_queues(statuses, statuses=statuses) if what == "queues" else {}
+        depths = (read_queues(statuses, statuses=statuses, timeout=timeout)
+                  if what == "queues" else {})
 
         if as_json:
             data = {alias: {**status.as_dict(), "problem": problems[alias]}
