@@ -196,6 +196,19 @@ def test_a_heartbeat_counts_as_seen():
     assert monitoring.load_seen("default")["beating@h"] == row.last_seen.timestamp()
 
 
+def test_heartbeats_of_a_thousand_workers_take_a_few_statements():
+    now = time.time()
+    beats = {f"hb-{i}@h": now - i % 7 for i in range(1000)}
+    with CaptureQueriesContext(connection) as first:
+        monitoring.mark_seen_many("default", beats)
+    with CaptureQueriesContext(connection) as again:
+        monitoring.mark_seen_many("default", {name: when + 1 for name, when in beats.items()})
+    assert len(first) <= 12 and len(again) <= 12, (len(first), len(again))
+    seen = monitoring.load_seen("default")
+    assert len(seen) == 1000 and all(abs(seen[name] - (when + 1)) < 1e-3
+                                     for name, when in beats.items())
+
+
 @pytest.fixture
 def busy_worker(django_db_blocker):
     """A solo-pool worker on its own queue: while it runs a task it answers nothing."""

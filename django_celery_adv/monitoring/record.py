@@ -179,18 +179,29 @@ def reading_state(alias: str) -> tuple[datetime | None, datetime | None]:
 
 
 def mark_seen_many(alias: str, seen: Mapping[str, datetime]) -> None:
-    """Record a sign of life (a heartbeat) of several workers; never moves one back in time."""
-    for hostname, when in seen.items():
-        updated = SeenWorker.objects.filter(app_alias=alias, hostname=hostname,
-                                            last_seen__lt=when).update(last_seen=when)
-        if updated or SeenWorker.objects.filter(app_alias=alias, hostname=hostname).exists():
-            continue
-        try:
-            with transaction.atomic():
-                SeenWorker.objects.create(app_alias=alias, hostname=hostname, last_seen=when)
-        except IntegrityError:  # created meanwhile (a reading or another recorder)
-            SeenWorker.objects.filter(app_alias=alias, hostname=hostname,
-                                      last_seen__lt=when).update(last_seen=when)
+    """Record a sign of life (a heartbeat) of several workers; never moves one back in time.
+
+    A few statements per 500 workers, not per worker: one SELECT of their
+    rows, one ``bulk_update`` of those that move forward, one insert
+    (conflicts ignored) of the new ones.
+    """
+    names = sorted(seen)
+    for start in range(0, len(names), BATCH_SIZE):
+        chunk = names[start:start + BATCH_SIZE]
+        rows = {row.hostname: row for row in SeenWorker.objects.filter(
+            app_alias=alias, hostname__in=chunk).only("id", "hostname", "last_seen")}
+        forward = []
+        for name, row in rows.items():
+            if row.last_seen < seen[name]:
+                row.last_seen = seen[name]
+                forward.append(row)
+        with transaction.atomic():
+            if forward:
+                SeenWorker.objects.bulk_update(forward, ["last_seen"])
+            new = [SeenWorker(app_alias=alias, hostname=name, last_seen=seen[name])
+                   for name in chunk if name not in rows]
+            if new:  # a row created meanwhile (a reading) keeps its own time
+                SeenWorker.objects.bulk_create(new, ignore_conflicts=True)
 
 
 def forget(aliases: Iterable[str]) -> None:
