@@ -200,9 +200,11 @@ def measure_inspect_exporter(rounds: int = 3) -> dict:
             "broadcasts_per_scrape": len(broadcasts.sent) / rounds}
 
 
-def own_sqlite_file() -> None:
-    """On SQLite, a database file of this benchmark's own: the other benchmarks (the
-    fleet's thousands of simulated workers) leave their records in bench.sqlite3."""
+def own_database() -> None:
+    """A database of this benchmark's own (the other benchmarks, e.g. the fleet's
+    thousands of simulated workers, leave their rows in the shared bench database):
+    ``metrics.sqlite3`` beside ``bench.sqlite3``, made anew; on PostgreSQL and
+    MariaDB ``celery_adv_bench_metrics``, created when missing."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
     from django.conf import settings
 
@@ -211,12 +213,34 @@ def own_sqlite_file() -> None:
         db["NAME"] = Path(db["NAME"]).with_name("metrics.sqlite3")
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db['NAME']}{suffix}").unlink(missing_ok=True)
+        return
+    db["NAME"] = "celery_adv_bench_metrics"
+    if db["ENGINE"].endswith("postgresql"):
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
+                             password=db["PASSWORD"] or None, dbname="postgres",
+                             autocommit=True) as connection:
+            if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                      (db["NAME"],)).fetchone():
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(
+                    sql.Identifier(db["NAME"])))
+    else:
+        import pymysql
+
+        connection = pymysql.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
+                                     password=db["PASSWORD"], autocommit=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{db['NAME']}` CHARACTER SET "
+                           "utf8mb4 COLLATE utf8mb4_unicode_ci")
+        connection.close()
 
 
 def main() -> int:
     from bench.inspect_all import Workers, setup_django
 
-    own_sqlite_file()
+    own_database()
     setup_django()
     from django.db import connection
 
