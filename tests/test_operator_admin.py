@@ -150,6 +150,10 @@ def test_purge_on_a_dead_broker_is_a_message(client):
             texts = messages_of(response)
             assert texts and ("cannot be purged" in texts[0] or "was not purged" in texts[0])
             assert SECRET not in " ".join(texts)
+    # The POST is an operator action even when the broker fails: in the admin log.
+    [entry] = LogEntry.objects.filter(object_id="down_redis/queue:down_redis")
+    assert entry.user.username == "purger" and "failed" in entry.change_message
+    assert SECRET not in entry.change_message
 
 
 # -- worker remote control -------------------------------------------------------

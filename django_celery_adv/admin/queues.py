@@ -9,7 +9,8 @@ to its URLs), so Django's admin guards them the same way:
 * purging needs ``django_celery_adv.purge_queue`` as well (else 403): a GET
   shows a confirmation naming the queue, its app and the messages ready now;
   only a POST (with the CSRF token) purges, and each purge is one admin-log
-  entry (:mod:`.oplog`) saying how many messages went.
+  entry (:mod:`.oplog`) saying how many messages went, or the broker's error
+  (a purge that timed out may still have happened).
 
 Counts come from :mod:`django_celery_adv.queues`; which queues the workers
 consume, from :func:`django_celery_adv.monitoring.inspect_all` (the shared
@@ -89,6 +90,10 @@ class QueuePages:
             try:
                 purged = purge_queue(alias, queue)
             except BrokerError as e:
+                # Logged too: a purge that timed out may still have deleted messages.
+                log_operator_action(request.user, alias, f"queue:{queue}",
+                                    f"queue {queue} ({alias})",
+                                    f"Purge of queue {queue} failed: {e}")
                 messages.error(request, _("Queue %(queue)s of %(app)s was not purged: "
                                           "%(error)s") % {"queue": queue, "app": alias,
                                                           "error": e})
