@@ -44,7 +44,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 #: What a hidden value is replaced with.
 MASK = "****"
@@ -225,7 +225,9 @@ def mask_url(url: str | Iterable[str] | None) -> str:
 def url_secrets(url: str | Iterable[str] | None) -> list[str]:
     """The secrets inside one or several URLs (to hand to :func:`mask_text`).
 
-    Passwords as written, then the secret query values (decoded), in order.
+    Passwords as written and, when the URL percent-encodes them, as a client
+    would print them decoded (``p%40ss`` and ``p@ss``); then the secret query
+    values (decoded), in order.
     """
     if url is None:
         return []
@@ -238,6 +240,8 @@ def url_secrets(url: str | Iterable[str] | None) -> list[str]:
             continue
         if parts.password:
             found.append(parts.password)
+            if unquote(parts.password) != parts.password:
+                found.append(unquote(parts.password))
         found.extend(_query_secrets(parts.query))
     return found
 

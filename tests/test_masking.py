@@ -242,3 +242,13 @@ def test_secret_auth_mechanism_properties_are_masked(url, expected, secrets):
 ])
 def test_secret_pair_inside_an_ordinary_keys_value(text, expected):
     assert mask_text(text) == expected
+
+
+def test_a_percent_encoded_password_is_masked_as_written_and_decoded():
+    """A client error may print the password decoded ("p@ss" for "p%40ss")."""
+    url = "amqp://user:p%40ss%2Fw0rd@broker.example:5672//"
+    secrets = url_secrets(url)
+    assert "p%40ss%2Fw0rd" in secrets and "p@ss/w0rd" in secrets
+    text = "auth failed for user:p@ss/w0rd at broker.example (url " + url + ")"
+    masked = mask_text(text, secrets)
+    assert "p@ss" not in masked and "p%40ss" not in masked
