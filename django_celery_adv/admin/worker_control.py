@@ -88,7 +88,10 @@ class TimeLimitForm(forms.Form):
     task_name = forms.CharField(label=gettext_lazy("Task name"), max_length=255,
                                 widget=forms.TextInput(attrs={"list": TASK_NAMES_ID}))
     soft = forms.FloatField(label=gettext_lazy("Soft limit (s)"), min_value=0, required=False)
-    hard = forms.FloatField(label=gettext_lazy("Hard limit (s)"), min_value=0, required=False)
+    hard = forms.FloatField(
+        label=gettext_lazy("Hard limit (s)"), min_value=0, required=False,
+        help_text=gettext_lazy("Celery sets both limits at once: a blank field removes "
+                               "that limit if the task had one."))
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
