@@ -497,3 +497,16 @@ def test_recorder_reconnects_after_a_broker_restart():
                 recorder.join(10)
     finally:
         server.remove()
+
+
+@pytest.mark.django_db
+def test_changelist_action_needs_its_permission_and_is_logged():
+    _records("default", 2)
+    ids = [str(pk) for pk in TaskRecord.objects.values_list("pk", flat=True)]
+    form = {"action": "revoke_tasks", "_selected_action": ids}
+    denied = _client(_staff("retry_taskrecord"))
+    denied.post(reverse(CHANGELIST), form)
+    assert not LogEntry.objects.exists()
+    allowed = _client(_staff("revoke_taskrecord"))
+    assert allowed.post(reverse(CHANGELIST), form).status_code == 302
+    assert sorted(LogEntry.objects.values_list("object_id", flat=True)) == sorted(ids)
