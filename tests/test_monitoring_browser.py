@@ -1,35 +1,26 @@
 """End to end: an operator logs in with headless Chromium (JavaScript off) and uses the pages.
 
-Debian's ``chromium`` + ``chromium-driver`` driven by selenium through
-``/usr/bin/chromedriver``; Selenium Manager is kept offline, so nothing is
-downloaded. The page is served by pytest-django's ``live_server`` with the
-admin's static files, and a screenshot is saved under the build directory.
+The browser and the live server with the admin's static files come from
+:mod:`tests.browser` (shared with scripts/screenshots.sh); a screenshot is saved
+under the build directory.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-import django.contrib.admin
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
-from django.test import override_settings
 
 from django_celery_adv.locks.backends import lock_backends
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.models import LockDefinition
 from django_celery_adv.monitoring import forget_workers
+from tests.browser import chromium, log_in, navigate, serving_admin_static
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOTS = Path(settings.BUILD_DIR) / "screenshots"
-ADMIN_STATIC = Path(django.contrib.admin.__file__).parent / "static"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--window-size=1400,900"]
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workers]
 
@@ -37,40 +28,14 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workers]
 @pytest.fixture(scope="module")
 def styled_live_server(request):
     """live_server serving the admin's CSS (the test settings have no staticfiles app)."""
-    with override_settings(STATIC_ROOT=str(ADMIN_STATIC)):
+    with serving_admin_static():
         yield request.getfixturevalue("live_server")
 
 
 @pytest.fixture
 def browser():
-    for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.path.exists(path), (
-            f"{path} missing: apt-get install -y chromium chromium-driver (nothing is skipped)")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    # JavaScript off: the pages must work without it (plain links, forms, meta refresh).
-    options.add_experimental_option(
-        "prefs", {"profile.managed_default_content_settings.javascript": 2})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
-def navigate(browser, element, title: str) -> None:
-    """Click and wait for the next page: a click does not wait for the navigation."""
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    element.click()
-    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(element))
-    WebDriverWait(browser, 30).until(expected_conditions.title_contains(title))
+    with chromium() as driver:
+        yield driver
 
 
 def test_operator_reads_the_workers_page(browser, styled_live_server, default_worker,
@@ -87,11 +52,7 @@ def test_operator_reads_the_workers_page(browser, styled_live_server, default_wo
                                              Holder(task_id="task-in-browser"), 300)
     base = styled_live_server.url
 
-    browser.get(f"{base}/admin/login/?next=/admin/")
-    browser.find_element(By.NAME, "username").send_keys("operator")
-    browser.find_element(By.NAME, "password").send_keys("operator-pw")
-    navigate(browser, browser.find_element(By.CSS_SELECTOR, "input[type=submit]"),
-             "Site administration")
+    log_in(browser, base, "operator", "operator-pw")
     navigate(browser, browser.find_element(By.LINK_TEXT, "Celery monitoring"), "Celery workers")
 
     assert browser.find_element(By.TAG_NAME, "h1").text == "Celery workers"
