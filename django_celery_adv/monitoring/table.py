@@ -22,20 +22,22 @@ from datetime import datetime
 from typing import Any
 
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_noop as N_
+from django.utils.translation import gettext_noop
 
 from .readings import AppStatus, Status, WorkerStatus
 
 #: Columns of the table after name, app and status: field, label.
-COLUMNS = (("concurrency", N_("Concurrency")), ("processed", N_("Processed tasks")),
-           ("queues", N_("Queues")))
+COLUMNS = (("concurrency", gettext_noop("Concurrency")),
+           ("processed", gettext_noop("Processed tasks")), ("queues", gettext_noop("Queues")))
 
 
 #: The facts of a worker's page: field, label.
-FACTS = (("pool", N_("Pool")), ("concurrency", N_("Concurrency")),
-         ("prefetch", N_("Prefetch count")), ("processed", N_("Processed tasks")),
-         ("completed", N_("Completed tasks")), ("running", N_("Running tasks")),
-         ("pid", N_("PID")), ("queues", N_("Queues")))
+FACTS = (("pool", gettext_noop("Pool")), ("concurrency", gettext_noop("Concurrency")),
+         ("prefetch", gettext_noop("Prefetch count")),
+         ("processed", gettext_noop("Processed tasks")),
+         ("completed", gettext_noop("Completed tasks")),
+         ("running", gettext_noop("Running tasks")),
+         ("pid", gettext_noop("PID")), ("queues", gettext_noop("Queues")))
 
 
 @dataclass
