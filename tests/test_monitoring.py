@@ -330,3 +330,22 @@ def test_as_dict_is_json_ready(default_worker):
     assert json.loads(json.dumps(data))["workers"][0]["name"] == default_worker.name
     assert data["workers"][0]["status"] == "online"
     assert isinstance(data["read_at"], str)
+
+
+def test_redis_reply_batches_come_oldest_first_on_new_and_old_servers():
+    """RPOP key COUNT (Redis >= 6.2) and its LRANGE + LTRIM stand-in agree."""
+    import redis
+
+    from django_celery_adv.monitoring.collect import REDIS_BATCH, pop_batch, pop_batch_old
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = f"dca-test-replies-{time.monotonic_ns()}"
+    try:
+        for pop in (pop_batch, pop_batch_old):
+            client.lpush(key, *[str(i) for i in range(REDIS_BATCH + 20)])  # 0 is the oldest
+            first, second = pop(client, key), pop(client, key)
+            assert [int(x) for x in first] == list(range(REDIS_BATCH))
+            assert [int(x) for x in second] == list(range(REDIS_BATCH, REDIS_BATCH + 20))
+            assert not pop(client, key) and client.llen(key) == 0
+    finally:
+        client.delete(key)

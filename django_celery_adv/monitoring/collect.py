@@ -16,10 +16,11 @@ Guarantees:
 * **Batched on Redis.** kombu's Redis transport delivers a reply per BRPOP
   round trip, each with its own poll cycle and Message object (~150 us per
   reply). Here the reply list of the pidbox reply exchange is drained with
-  ``RPOP key 500`` (one round trip per batch, ~15 us per reply) and a BRPOP
-  only while it is empty; payloads are checked against the app's
-  ``accept_content`` and decoded with kombu's ``serialization.loads`` (JSON
-  with the standard library, see :func:`decode_payload`). The queue is
+  ``RPOP key 500`` (one round trip per batch, ~15 us per reply; LRANGE +
+  LTRIM in a MULTI on Redis < 6.2) and a BRPOP only while it is empty;
+  payloads are checked against the app's ``accept_content`` and decoded
+  with kombu's ``serialization.loads`` (JSON with the standard library, see
+  :func:`decode_payload`). The queue is
   declared and deleted through kombu (same name, binding and format as
   ``Mailbox._collect``), so workers see no difference. Everything that
   arrived before the deadline is read: a last non-blocking drain runs at the
@@ -45,6 +46,12 @@ from typing import Any
 from celery import Celery
 from kombu import Consumer, Producer
 from kombu.serialization import loads, prepare_accept_content
+
+try:
+    from redis.exceptions import ResponseError
+except ImportError:  # no redis client: no Redis app either
+    class ResponseError(Exception):  # type: ignore[no-redef]
+        pass
 
 from .. import conf
 
@@ -184,9 +191,14 @@ def drain_redis(channel: Any, key: str, accept: Any,
         ticket, body = decode_payload(raw, accept)
         on_reply(ticket, body)
 
+    pop = pop_batch
     while True:
         left = remaining()
-        batch = client.rpop(key, REDIS_BATCH)
+        try:
+            batch = pop(client, key)
+        except ResponseError:  # Redis < 6.2: no count argument to RPOP
+            pop = pop_batch_old
+            batch = pop(client, key)
         if batch:
             for raw in batch:
                 handle(raw)
@@ -196,6 +208,20 @@ def drain_redis(channel: Any, key: str, accept: Any,
         item = client.brpop([key], timeout=min(left, block_cap))
         if item:
             handle(item[1])
+
+
+def pop_batch(client: Any, key: str) -> list[bytes] | None:
+    """Up to :data:`REDIS_BATCH` of the oldest replies, in one round trip (Redis >= 6.2)."""
+    return client.rpop(key, REDIS_BATCH)
+
+
+def pop_batch_old(client: Any, key: str) -> list[bytes]:
+    """The same for older servers: LRANGE + LTRIM of the list's tail in one transaction."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.lrange(key, -REDIS_BATCH, -1)
+        pipe.ltrim(key, 0, -REDIS_BATCH - 1)
+        batch, _ = pipe.execute()
+    return batch[::-1]  # oldest first, as RPOP gives them
 
 
 def decode_payload(raw: bytes | str, accept: Any) -> tuple[Any, Any]:
