@@ -357,17 +357,17 @@ class TaskRecord(models.Model):
     """
 
     class State(models.TextChoices):
-        PENDING = "PENDING", "pending"
-        RECEIVED = "RECEIVED", "received"
-        STARTED = "STARTED", "started"
-        SUCCESS = "SUCCESS", "succeeded"
-        FAILURE = "FAILURE", "failed"
-        RETRY = "RETRY", "retried"
-        REVOKED = "REVOKED", "revoked"
-        REJECTED = "REJECTED", "rejected"
+        PENDING = "PENDING", _("pending")
+        RECEIVED = "RECEIVED", _("received")
+        STARTED = "STARTED", _("started")
+        SUCCESS = "SUCCESS", _("succeeded")
+        FAILURE = "FAILURE", _("failed")
+        RETRY = "RETRY", _("retried")
+        REVOKED = "REVOKED", _("revoked")
+        REJECTED = "REJECTED", _("rejected")
 
-    app_alias = models.CharField("app", max_length=100)
-    task_id = models.CharField("task id", max_length=255)
+    app_alias = models.CharField(_("app"), max_length=100)
+    task_id = models.CharField(_("task id"), max_length=255)
     name = models.CharField(max_length=255, blank=True, db_index=True)
     state = models.CharField(max_length=20, choices=State.choices)  # index: (state, id)
     worker = models.CharField(max_length=255, blank=True, db_index=True)
@@ -377,21 +377,21 @@ class TaskRecord(models.Model):
     result = models.TextField(blank=True)
     exception = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
-    received_at = models.DateTimeField("received", null=True, blank=True, db_index=True)
-    started_at = models.DateTimeField("started", null=True, blank=True)
-    succeeded_at = models.DateTimeField("succeeded", null=True, blank=True)
-    failed_at = models.DateTimeField("failed", null=True, blank=True)
-    runtime = models.FloatField("runtime (s)", null=True, blank=True, db_index=True)
-    queue_wait = models.FloatField("queue wait (s)", null=True, blank=True)
+    received_at = models.DateTimeField(_("received"), null=True, blank=True, db_index=True)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    succeeded_at = models.DateTimeField(_("succeeded"), null=True, blank=True)
+    failed_at = models.DateTimeField(_("failed"), null=True, blank=True)
+    runtime = models.FloatField(_("runtime (s)"), null=True, blank=True, db_index=True)
+    queue_wait = models.FloatField(_("queue wait (s)"), null=True, blank=True)
     retries = models.PositiveIntegerField(default=0)
-    parent_id = models.CharField("parent id", max_length=255, blank=True, db_index=True)
-    root_id = models.CharField("root id", max_length=255, blank=True, db_index=True)
+    parent_id = models.CharField(_("parent id"), max_length=255, blank=True, db_index=True)
+    root_id = models.CharField(_("root id"), max_length=255, blank=True, db_index=True)
     #: Timestamp of the event that set ``state`` (merge order), seconds since the epoch.
     state_timestamp = models.FloatField(default=0)
-    updated_at = models.DateTimeField("updated", db_index=True)
+    updated_at = models.DateTimeField(_("updated"), db_index=True)
 
     class Meta:
-        verbose_name = "task"
+        verbose_name = _("task")
         ordering = ["-id"]
         default_permissions = ("view", "delete")
         permissions = [

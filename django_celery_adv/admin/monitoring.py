@@ -46,6 +46,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from .. import conf
@@ -184,7 +185,7 @@ class MonitoringAdmin(admin.ModelAdmin):
             beat_summary, beat_error = [], str(e)
         else:
             beat_error = None
-        context = self._context(request, "Celery workers", statuses=statuses,
+        context = self._context(request, _("Celery workers"), statuses=statuses,
                                 beat_summary=beat_summary, beat_error=beat_error,
                                 **table, **(extra_context or {}))
         return TemplateResponse(request, self.workers_template, context)
@@ -198,19 +199,21 @@ class MonitoringAdmin(admin.ModelAdmin):
         """
         self._require_view(request)
         if alias not in apps:
-            raise Http404(f"No Celery app {alias!r}.")
+            raise Http404(_("No Celery app %(alias)r.") % {"alias": alias})
         status = inspect_all([alias])[alias]
         known = status.worker(name)
         live = read_worker(alias, name) if status.reachable else None
         worker = live or known
         if worker is None and status.reachable:
-            raise Http404(f"No worker {name!r} seen on app {alias!r}.")
+            raise Http404(_("No worker %(name)r seen on app %(alias)r.")
+                          % {"name": name, "alias": alias})
         started_at = None
         if worker is not None and worker.uptime is not None and worker.values_at is not None:
             started_at = worker.values_at - timedelta(seconds=worker.uptime)
         now = timezone.now()
         context = self._context(
-            request, f"Worker {name}", status=status, worker=worker, worker_name=name,
+            request, _("Worker %(name)s") % {"name": name}, status=status, worker=worker,
+            worker_name=name,
             started_at=started_at, live=live is not None,
             values_age=worker.values_age(now) if worker is not None and live is None else None,
             no_reply_timeout=conf.get("INSPECT_TIMEOUT"),
@@ -225,7 +228,7 @@ class MonitoringAdmin(admin.ModelAdmin):
         """Every lock definition with its current holders, read through its backend."""
         self._require_view(request)
         context = self._context(
-            request, "Lock holders", rows=self.holder_rows(LockDefinition.objects.all()),
+            request, _("Lock holders"), rows=self.holder_rows(LockDefinition.objects.all()),
             can_force_release=self.has_force_release_permission(request),
             force_release_url=self._url("force_release"),
             lockdefinition_url=reverse("admin:django_celery_adv_lockdefinition_changelist",
@@ -256,17 +259,19 @@ class MonitoringAdmin(admin.ModelAdmin):
         try:
             token = int(request.POST.get("token", ""))
         except ValueError:
-            messages.error(request, "No valid token to release was given.")
+            messages.error(request, _("No valid token to release was given."))
             return HttpResponseRedirect(self._url("locks"))
         try:
             released = force_release(definition.name, token, user=request.user,
                                      backend=definition.backend)
         except CeleryAdvError as e:
-            messages.error(request, f"{definition.name}: nothing released: "
-                                    f"{masked_error(definition.backend, e)}")
+            messages.error(request, _("%(lock)s: nothing released: %(error)s") % {
+                "lock": definition.name, "error": masked_error(definition.backend, e)})
             return HttpResponseRedirect(self._url("locks"))
         if released:
-            messages.success(request, f"Released token {token} of {definition.name}.")
+            messages.success(request, _("Released token %(token)s of %(lock)s.")
+                             % {"token": token, "lock": definition.name})
         else:
-            messages.warning(request, f"Token {token} of {definition.name} was no longer held.")
+            messages.warning(request, _("Token %(token)s of %(lock)s was no longer held.")
+                             % {"token": token, "lock": definition.name})
         return HttpResponseRedirect(self._url("locks"))

@@ -35,7 +35,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
-from django.utils.translation import gettext as _n
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from .. import conf
@@ -279,14 +279,14 @@ class TaskRecordAdmin(admin.ModelAdmin):
             try:
                 if action == "retry":
                     new_id = operations.retry(record)
-                    note = _n("Retried task %(id)s as %(new)s.") % {"id": record.task_id,
+                    note = gettext("Retried task %(id)s as %(new)s.") % {"id": record.task_id,
                                                                    "new": new_id}
                 elif action == "revoke":
                     operations.revoke(record)
-                    note = _n("Revoked task %(id)s.") % {"id": record.task_id}
+                    note = gettext("Revoked task %(id)s.") % {"id": record.task_id}
                 else:
                     operations.revoke(record, terminate=True)
-                    note = _n("Terminated task %(id)s (SIGTERM).") % {"id": record.task_id}
+                    note = gettext("Terminated task %(id)s (SIGTERM).") % {"id": record.task_id}
             except operations.TaskActionError as error:
                 self.message_user(request, str(error), messages.ERROR)
                 continue

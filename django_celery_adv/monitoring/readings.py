@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from django.utils.translation import gettext as _
+
 from ..masking import mask_text
 
 #: Task arguments longer than this (after masking) are cut with an ellipsis.
@@ -186,14 +188,15 @@ class AppStatus:
         accepts any partial reading).
         """
         if not self.reachable:
-            return "unreachable"
+            return _("unreachable")
         tolerated = self.tolerated(window)
         if not self.online and not tolerated:
-            return "no worker online"
+            return _("no worker online")
         if not allow_partial:
             excused = sum(len(self.unread_by.get(worker.name, ())) for worker in tolerated)
             if self.unread - excused > 0:
-                return f"partial reading: {self.unread - excused} replies not read"
+                return _("partial reading: %(count)d replies not read") % {
+                    "count": self.unread - excused}
         return None
 
     @property
