@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand
+from django.utils.translation import gettext, gettext_noop
 
 from ..queues import AppQueues
 
 UNKNOWN = "?"
-COLUMNS = ("queue", "ready", "unacked", "consumers", "workers")
+#: The table's header (translated when printed).
+COLUMNS = (gettext_noop("queue"), gettext_noop("ready"), gettext_noop("unacked"),
+           gettext_noop("consumers"), gettext_noop("workers"))
 
 
 def _cell(value: Any) -> str:
@@ -24,9 +27,9 @@ def _cell(value: Any) -> str:
 
 def queue_rows(reading: AppQueues) -> list[tuple[str, ...]]:
     """The table rows of one app, header first."""
-    rows = [COLUMNS]
+    rows = [tuple(gettext(column) for column in COLUMNS)]
     for queue in reading.queues:
-        ready = "no such queue" if queue.exists is False else _cell(queue.ready)
+        ready = gettext("no such queue") if queue.exists is False else _cell(queue.ready)
         rows.append((queue.name, ready, _cell(queue.unacked), _cell(queue.consumers),
                      ",".join(queue.workers) or "-"))
     return rows

@@ -43,6 +43,8 @@ from django.core.management.base import (
 )
 from django.db import DatabaseError
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy, gettext_noop
 
 from django_celery_adv import conf
 from django_celery_adv.beat.health import AppBeatHealth, app_health
@@ -57,8 +59,10 @@ UNKNOWN = "?"
 NOT_READ = "unread"
 #: A field no command of this reading fills (``running`` unless ``active`` was asked).
 NOT_ASKED = "-"
-TABLE_COLUMNS = ("app", "worker", "status", "age", "concurrency", "processed", "running",
-                 "queues")
+#: Header of the workers table (translated when printed; the rows stay as read).
+TABLE_COLUMNS = (gettext_noop("app"), gettext_noop("worker"), gettext_noop("status"),
+                 gettext_noop("age"), gettext_noop("concurrency"), gettext_noop("processed"),
+                 gettext_noop("running"), gettext_noop("queues"))
 
 
 def _value(value: Any) -> str:
@@ -101,29 +105,30 @@ def _duration(seconds: float | None) -> str:
 
 
 class Command(BaseCommand):
-    help = ("Status of the workers of every Celery app: ping, active tasks, stats or "
-            "queues, then a workers table. Exit 0 healthy, 1 unhealthy, 2 misconfigured.")
+    help = gettext_lazy("Status of the workers of every Celery app: ping, active tasks, stats "
+                        "or queues, then a workers table. Exit 0 healthy, 1 unhealthy, "
+                        "2 misconfigured.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("what", nargs="?", default="ping",
                             choices=["ping", "active", "stats", "queues", "beat"],
-                            help="What to print per worker before the table (default: ping); "
-                                 "beat: only the beat health of each app.")
+                            help=_("What to print per worker before the table (default: "
+                                   "ping); beat: only the beat health of each app."))
         parser.add_argument("--app", action="append", dest="aliases", metavar="ALIAS",
-                            help="Only this app (repeat for several); default: all apps.")
+                            help=_("Only this app (repeat for several); default: all apps."))
         parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                            help="Seconds to wait for replies (default: INSPECT_TIMEOUT).")
+                            help=_("Seconds to wait for replies (default: INSPECT_TIMEOUT)."))
         parser.add_argument("--json", action="store_true", dest="as_json",
-                            help="Print the readings as JSON.")
+                            help=_("Print the readings as JSON."))
         parser.add_argument("--allow-partial", action="store_true",
-                            help="A partial reading (replies not read in time) is still "
-                                 "healthy for the exit status.")
+                            help=_("A partial reading (replies not read in time) is still "
+                                   "healthy for the exit status."))
         parser.add_argument("--fresh", action="store_true",
-                            help="Broadcast now instead of reusing a reading younger than "
-                                 "MONITORING['READING_MAX_AGE'].")
+                            help=_("Broadcast now instead of reusing a reading younger than "
+                                   "MONITORING['READING_MAX_AGE']."))
         parser.add_argument("--require-beat", action="store_true",
-                            help="Also read beat health; exit 1 when an app has no beat "
-                                 "leader or its last tick is older than 3 max intervals.")
+                            help=_("Also read beat health; exit 1 when an app has no beat "
+                                   "leader or its last tick is older than 3 max intervals."))
 
     def check(self, *args: Any, **kwargs: Any) -> None:
         # A system-check error is a configuration error: exit 2, not Django's 1,
@@ -293,7 +298,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"    * {queue}")
 
     def write_table(self, statuses: Any) -> None:
-        rows = [TABLE_COLUMNS]
+        rows = [tuple(_(column) for column in TABLE_COLUMNS)]
         for status in statuses:
             for worker in status.workers:
                 rows.append((status.alias, worker.name, str(worker.status),
@@ -302,7 +307,7 @@ class Command(BaseCommand):
                              _field(worker, "running", None, status.commands),
                              _field(worker, "queues", ",".join(worker.queues or ()))))
         if len(rows) == 1:
-            self.stdout.write("No workers.")
+            self.stdout.write(_("No workers."))
             return
         widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
         for index, row in enumerate(rows):
