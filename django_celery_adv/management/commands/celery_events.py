@@ -18,22 +18,26 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from django_celery_adv import conf, events
 from django_celery_adv.events.recorder import Recorder
 
 
 class Command(BaseCommand):
-    help = ("Record every app's Celery task events into the database (task history for the "
-            "admin Tasks page); --prune applies the retention settings and exits.")
+    help = gettext_lazy("Record every app's Celery task events into the database (task "
+                        "history for the admin Tasks page); --prune applies the retention "
+                        "settings and exits.")
 
     def add_arguments(self, parser):
         parser.add_argument("--app", action="append", dest="aliases", metavar="ALIAS",
-                            help="Record only this app (repeatable). Default: every app.")
+                            help=_("Record only this app (repeatable). Default: every app."))
         parser.add_argument("--prune", action="store_true",
-                            help="Delete records beyond CELERY_ADV['EVENTS'] retention, exit.")
+                            help=_("Delete records beyond CELERY_ADV['EVENTS'] retention, "
+                                   "exit."))
         parser.add_argument("--no-enable-events", action="store_true",
-                            help="Do not broadcast enable_events to the workers.")
+                            help=_("Do not broadcast enable_events to the workers."))
 
     def handle(self, *args, aliases: list[str] | None, prune: bool, no_enable_events: bool,
                **options) -> None:

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from django_celery_adv import conf, events
 
 
 class Command(BaseCommand):
-    help = ("Delete task records not updated for RETENTION_DAYS and all but the newest "
-            "RETENTION_COUNT per app (CELERY_ADV['EVENTS']).")
+    help = gettext_lazy("Delete task records not updated for RETENTION_DAYS and all but the "
+                        "newest RETENTION_COUNT per app (CELERY_ADV['EVENTS']).")
 
     def add_arguments(self, parser):
         parser.add_argument("--app", action="append", dest="aliases", metavar="ALIAS")
         parser.add_argument("--days", type=float, default=None,
-                            help="Keep records updated within this many days.")
+                            help=_("Keep records updated within this many days."))
         parser.add_argument("--keep", type=int, default=None,
-                            help="Keep this many newest records per app.")
-        parser.add_argument("--dry-run", action="store_true", help="Only count.")
+                            help=_("Keep this many newest records per app."))
+        parser.add_argument("--dry-run", action="store_true", help=_("Only count."))
 
     def handle(self, *args, aliases, days, keep, dry_run, **options) -> None:
         configured = list(conf.app_settings())
