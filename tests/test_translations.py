@@ -396,6 +396,8 @@ def admin_pages(data) -> list[str | tuple[str, str]]:
         reverse("admin:django_celery_adv_monitoring_worker_control", args=worker),
         reverse("admin:django_celery_adv_monitoring_worker_action", args=[*worker, "shutdown"]),
         reverse("admin:django_celery_adv_monitoring_queues"),
+        # The confirmation, or (no such queue on the broker) the queues page with why not.
+        reverse("admin:django_celery_adv_monitoring_purge_queue") + "?app=default&queue=celery",
         reverse("admin:django_celery_adv_taskrecord_changelist"),
         reverse("admin:django_celery_adv_taskrecord_change", args=[record.pk]),
     ]
