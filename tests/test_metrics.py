@@ -236,22 +236,28 @@ def test_lock_holders_and_capacity(operator_client):
 
 
 def test_queue_length_from_the_brokers(operator_client, clean_brokers):
-    """Messages really waiting on Redis (app twin) and RabbitMQ (app global)."""
-    sent = {"twin": 5, "global": 3}
-    for alias, count in sent.items():
-        with apps[alias].connection_for_write() as connection:
-            apps[alias].control.purge(connection=connection)
-            for _ in range(count):
-                apps[alias].send_task("metrics.nothing", connection=connection)
-    try:
-        found = scrape(operator_client)
-    finally:
-        for alias in sent:
+    """Messages really waiting on Redis and RabbitMQ, in queues of two apps that no
+    session worker consumes (the session's twin and global workers would take them)."""
+    redis_url, amqp_url = settings.CELERY_ADV["APPS"]["twin"]["broker_url"], \
+        settings.CELERY_ADV["APPS"]["global"]["broker_url"]
+    extra = {"metrics_r": {"broker_url": redis_url, "task_default_queue": "metrics-r"},
+             "metrics_a": {"broker_url": amqp_url, "task_default_queue": "metrics-a"}}
+    sent = {"metrics_r": 5, "metrics_a": 3}
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV,
+                                       "APPS": {**settings.CELERY_ADV["APPS"], **extra}}):
+        for alias, count in sent.items():
             with apps[alias].connection_for_write() as connection:
                 apps[alias].control.purge(connection=connection)
-    assert value(found, "celery_adv_queue_length", app="twin", queue="twin") == 5
-    assert value(found, "celery_adv_queue_length", app="global", queue="global") == 3
-    assert value(found, "celery_adv_queue_length", app="default", queue="celery") == 0
+                for _ in range(count):
+                    apps[alias].send_task("metrics.nothing", connection=connection)
+        try:
+            found = scrape(operator_client)
+        finally:
+            for alias in sent:
+                with apps[alias].connection_for_write() as connection:
+                    apps[alias].control.purge(connection=connection)
+    assert value(found, "celery_adv_queue_length", app="metrics_r", queue="metrics-r") == 5
+    assert value(found, "celery_adv_queue_length", app="metrics_a", queue="metrics-a") == 3
 
 
 def test_a_scrape_sends_no_broadcast(operator_client, seen_workers):
