@@ -38,6 +38,7 @@ from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 from .. import conf
 from ..exceptions import CeleryAdvError
@@ -147,7 +148,9 @@ class LockDefinitionAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("state"), ordering="capacity")
     def state(self, obj: LockDefinition) -> str:
-        return _("paused") if obj.capacity == 0 else _("active")
+        # A context: Django's own "active" (a user's) would win and has another gender.
+        return pgettext_lazy("lock state", "paused") if obj.capacity == 0 \
+            else pgettext_lazy("lock state", "active")
 
     @admin.display(description=_("current holders"))
     def current_holders(self, obj: LockDefinition) -> str:
