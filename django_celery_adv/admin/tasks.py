@@ -163,7 +163,8 @@ class TaskRecordAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("runtime"), ordering="runtime")
     def runtime_display(self, obj: TaskRecord) -> str:
-        return "-" if obj.runtime is None else f"{obj.runtime:.3f} s"
+        return "-" if obj.runtime is None else \
+            gettext("%(seconds).3f s") % {"seconds": obj.runtime}
 
     @admin.display(description=_("retries"))
     def retries_display(self, obj: TaskRecord) -> int:
