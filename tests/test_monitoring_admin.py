@@ -19,7 +19,7 @@ from django_celery_adv.locks.backends import lock_backends
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.locks.definitions import policies
 from django_celery_adv.masking import MASK
-from django_celery_adv.models import LockDefinition
+from django_celery_adv.models import LockDefinition, TaskRecorderStats
 from django_celery_adv.monitoring import AppStatus, Status, WorkerStatus, forget_workers
 from tests.test_lock_admin import SECRET as LOCK_SECRET
 from tests.test_lock_admin import down_lock_backend
@@ -182,12 +182,13 @@ def test_workers_page_lists_exactly_the_running_workers(viewer, session_workers)
     summary = {row[0].split()[0]: row for row in tables["app-summary"][1:]}
     assert list(summary) == list(settings.CELERY_ADV["APPS"])
     header, *rows = tables["workers-table"]
-    assert header == ["Name", "App", "Status", "Concurrency", "Processed tasks", "Queues"]
+    assert header == ["Name", "App", "Status", "Concurrency", "Processed tasks", "Queues",
+                      "Succeeded / failed / retried (events)", "Load average"]
     assert len(rows) == len(session_workers)
     for alias, worker_process in session_workers.items():
         # default and twin share a Redis database, not their workers
         [row] = [row for row in rows if row[1] == alias]
-        name, _app, status, concurrency, processed, queues = row
+        name, _app, status, concurrency, processed, queues, _events, _load = row
         assert (name, status, concurrency, queues) == (
             worker_process.name, "online", "2", EXPECTED_QUEUES[alias])
         assert processed.isdigit()
@@ -281,6 +282,19 @@ def test_workers_page_queries_do_not_grow_with_workers(viewer, monkeypatch):
         counts[workers] = len(queries)
 
     assert counts[1] == counts[30] == counts[2000]
+
+
+def test_workers_page_shows_what_the_event_recorder_counted(viewer, monkeypatch):
+    """Flower's split (succeeded / failed / retried, load average) from the recorder's
+    row, read in one query; a worker the recorder never saw shows "-"."""
+    monkeypatch.setattr(monitoring_admin, "inspect_all", fake_reading(3))
+    TaskRecorderStats.objects.create(app_alias="a", workers={"a-1@h1": {
+        "processed": 12, "succeeded": 9, "failed": 2, "retried": 1,
+        "loadavg": [0.5, 0.25, 0.1]}})
+    html = viewer.get(reverse(WORKERS_URL)).content.decode()
+    rows = {row[0]: row for row in Tables(html).tables["workers-table"][1:]}
+    assert rows["a-1@h1"][-2:] == ["9 / 2 / 1", "0.5, 0.25, 0.1"]
+    assert rows["a-2@h2"][-2:] == ["-", "-"] and rows["b-1@h1"][-2:] == ["-", "-"]
 
 
 def test_workers_page_summary_first_then_filters_and_pages(viewer, monkeypatch):

@@ -51,6 +51,7 @@ from django.views.decorators.http import require_POST
 
 from .. import conf
 from ..beat.health import app_health
+from ..events import worker_counters_by_app
 from ..exceptions import CeleryAdvError
 from ..locks import force_release
 from ..locks.operations import HolderReader, describe_backend, masked_error
@@ -171,7 +172,8 @@ class MonitoringAdmin(admin.ModelAdmin):
             "summaries": workers_table.summaries(statuses,
                                                  float(conf.monitoring("SILENT_WINDOW"))),
             "filters": filters, "page": page, "matching": len(matching),
-            "rows": workers_table.rows(page.object_list, now),
+            "rows": workers_table.rows(page.object_list, now,
+                                       self._event_counters(s.alias for s in statuses)),
             "columns": [label for _field, label in workers_table.COLUMNS],
             "queue_names": workers_table.queue_names(statuses),
             "state_names": [status.value for status in Status],
@@ -179,8 +181,9 @@ class MonitoringAdmin(admin.ModelAdmin):
             if page.has_previous() else None,
             "next_query": filters.query(page=str(page.number + 1)) if page.has_next() else None,
         }
-        try:  # beat health of the same apps (the beat processes page has the details)
-            beat_summary = list(app_health([s.alias for s in statuses]).values())
+        try:  # beat health of the apps that run beat (the beat processes page has details)
+            beat_summary = [health for health in app_health([s.alias for s in statuses]).values()
+                            if health.leader or health.standbys or health.gone]
         except DatabaseError as e:
             beat_summary, beat_error = [], str(e)
         else:
@@ -189,6 +192,17 @@ class MonitoringAdmin(admin.ModelAdmin):
                                 beat_summary=beat_summary, beat_error=beat_error,
                                 **table, **(extra_context or {}))
         return TemplateResponse(request, self.workers_template, context)
+
+    @staticmethod
+    def _event_counters(aliases: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """alias -> hostname -> the recorder's counts, in one query.
+
+        Empty when the recorder never ran; a database error only costs the column.
+        """
+        try:
+            return worker_counters_by_app(aliases)
+        except DatabaseError:
+            return {}
 
     def worker_view(self, request: HttpRequest, alias: str, name: str) -> HttpResponse:
         """One worker: status, pool, uptime, queues and the tasks it runs now.
@@ -213,7 +227,7 @@ class MonitoringAdmin(admin.ModelAdmin):
         now = timezone.now()
         context = self._context(
             request, _("Worker %(name)s") % {"name": name}, status=status, worker=worker,
-            worker_name=name,
+            worker_name=name, events=self._event_counters([alias]).get(alias, {}).get(name),
             started_at=started_at, live=live is not None,
             values_age=worker.values_age(now) if worker is not None and live is None else None,
             no_reply_timeout=conf.get("INSPECT_TIMEOUT"),

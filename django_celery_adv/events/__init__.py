@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import conf
-from .store import WorkerCounters, prune, recorder_stats, worker_counters
+from .store import WorkerCounters, prune, recorder_stats, worker_counters, worker_counters_by_app
 
 __all__ = ["WorkerCounters", "prune", "prune_apps", "recorder_stats", "settings_for",
-           "worker_counters"]
+           "worker_counters", "worker_counters_by_app"]
 
 
 def settings_for(alias: str) -> dict[str, Any]:

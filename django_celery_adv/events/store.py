@@ -243,19 +243,29 @@ class WorkerCounters:
 
 def worker_counters(alias: str) -> dict[str, WorkerCounters]:
     """hostname -> :class:`WorkerCounters` of app ``alias`` (one query; {} if none)."""
-    row = TaskRecorderStats.objects.filter(app_alias=alias).values_list("workers", flat=True) \
-        .first() or {}
-    result = {}
-    for hostname, entry in row.items():
-        loadavg = entry.get("loadavg")
-        result[hostname] = WorkerCounters(
-            hostname=hostname, processed=entry.get("processed", 0),
-            succeeded=entry.get("succeeded", 0), failed=entry.get("failed", 0),
-            retried=entry.get("retried", 0), active=entry.get("active"),
-            loadavg=tuple(loadavg) if loadavg else None,
-            heartbeat_at=_to_datetime(entry.get("heartbeat_at")),
-            offline=bool(entry.get("offline")))
+    return worker_counters_by_app([alias]).get(alias, {})
+
+
+def worker_counters_by_app(aliases: Iterable[str]) -> dict[str, dict[str, WorkerCounters]]:
+    """alias -> hostname -> :class:`WorkerCounters` of several apps in one query
+    (an app the recorder never wrote for is missing)."""
+    result: dict[str, dict[str, WorkerCounters]] = {}
+    for alias, workers in TaskRecorderStats.objects.filter(
+            app_alias__in=list(aliases)).values_list("app_alias", "workers"):
+        result[alias] = {hostname: _counters(hostname, entry)
+                         for hostname, entry in (workers or {}).items()}
     return result
+
+
+def _counters(hostname: str, entry: dict[str, Any]) -> WorkerCounters:
+    loadavg = entry.get("loadavg")
+    return WorkerCounters(
+        hostname=hostname, processed=entry.get("processed", 0),
+        succeeded=entry.get("succeeded", 0), failed=entry.get("failed", 0),
+        retried=entry.get("retried", 0), active=entry.get("active"),
+        loadavg=tuple(loadavg) if loadavg else None,
+        heartbeat_at=_to_datetime(entry.get("heartbeat_at")),
+        offline=bool(entry.get("offline")))
 
 
 # -- retention -----------------------------------------------------------------------

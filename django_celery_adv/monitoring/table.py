@@ -120,6 +120,10 @@ class Row:
     cells: list[Cell] = field(default_factory=list)
     #: Seconds since the values shown were read, when older than the reading.
     values_age: float | None = None
+    #: What the event recorder counted for this worker (succeeded / failed /
+    #: retried / processed, load average), when it runs: any object with those
+    #: attributes (``events.WorkerCounters``); ``None`` without events.
+    events: Any = None
 
 
 def cell(worker: WorkerStatus, name: str, commands: list[str], online: bool) -> Cell:
@@ -134,14 +138,18 @@ def cell(worker: WorkerStatus, name: str, commands: list[str], online: bool) -> 
     return Cell("?", "unsent")
 
 
-def rows(page: Iterable[tuple[AppStatus, WorkerStatus]], now: datetime) -> list[Row]:
-    """Cells for the rows of one page only."""
+def rows(page: Iterable[tuple[AppStatus, WorkerStatus]], now: datetime,
+         counters: Mapping[str, Mapping[str, Any]] | None = None) -> list[Row]:
+    """Cells for the rows of one page only; ``counters`` is alias -> hostname ->
+    the recorder's counts (read by the caller, one query per app)."""
+    counters = counters or {}
     built = []
     for status, worker in page:
         current = worker.values_at is not None and worker.values_at == status.read_at
         built.append(Row(status, worker, [cell(worker, name, status.commands, current)
                                           for name, _label in COLUMNS],
-                         None if current else worker.values_age(now)))
+                         None if current else worker.values_age(now),
+                         counters.get(status.alias, {}).get(worker.name)))
     return built
 
 
