@@ -37,7 +37,8 @@ if [ -z "$python" ]; then
   cat >&2 <<EOF
 django6.sh: FAILED: no Python >= 3.$MIN_MINOR found (Django 6.0 needs one).
 Looked in ${PYENV_ROOT:-$HOME/.pyenv}/versions/ and for python3.$MIN_MINOR+ on PATH.
-Install one, for example:  pyenv install 3.13   (or: apt-get install python3.13-venv)
+Install one and re-run: with pyenv, \`pyenv install 3.13\` (Debian 12's own python3 is 3.11),
+or put a python3.12 or newer (with its venv module) on PATH.
 EOF
   exit 2
 fi
