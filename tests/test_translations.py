@@ -477,9 +477,10 @@ def test_the_english_detector_finds_english(superuser_client, admin_data, messag
 def test_check_messages_and_command_output_in_russian(db):
     from django.core.management import call_command
 
+    from django_celery_adv import conf
     from django_celery_adv.checks import check_scalars
 
-    config = {"INSPECT_TIMEOUT": 0, "RECORD_FAILURES": True, "FAILURE_RETENTION_DAYS": 1}
+    config = {**conf.DEFAULTS, "INSPECT_TIMEOUT": 0}
     with translation.override("ru"):
         [message] = check_scalars(config)
         assert message.msg == ("CELERY_ADV['INSPECT_TIMEOUT'] равно 0; ожидается число "
