@@ -28,8 +28,15 @@ started=$(mktemp)
 trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
 SERVICES_STARTED_FILE=$started bash scripts/services.sh start
 
-# A build directory of its own: a test run at the same time keeps its database.
-export TEST_BUILD_DIR="${TEST_BUILD_DIR:-$PWD/build/screenshots}"
+# A namespace of its own on the shared servers (build directory, Redis database 15,
+# vhost, lock prefix): a test run at the same time is not disturbed, nor disturbs it.
+name=screenshots
+bash scripts/services.sh vhost "$name"
+export TEST_BUILD_DIR="${TEST_BUILD_DIR:-$PWD/build/$name}" \
+  TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}" \
+  TEST_REDIS_LOCK_URL="${TEST_REDIS_LOCK_URL:-redis://127.0.0.1:6379/15}" \
+  TEST_LOCK_NAMESPACE="${TEST_LOCK_NAMESPACE:-$name}" \
+  TEST_AMQP_URL="${TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/$name}"
 mkdir -p "$TEST_BUILD_DIR" "$OUT"
 SCREENSHOTS_DIR=$OUT .venv/bin/pytest -p no:cacheprovider -q -s tests/screenshots.py "$@"
 
