@@ -21,6 +21,7 @@ import gettext
 import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -485,8 +486,6 @@ def test_check_messages_and_command_output_in_russian(db):
         [message] = check_scalars(config)
         assert message.msg == ("CELERY_ADV['INSPECT_TIMEOUT'] равно 0; ожидается число "
                                "секунд > 0.")
-        from io import StringIO
-
         out = StringIO()
         call_command("prune_task_failures", "--dry-run", "--days", "3", stdout=out)
     assert "Было бы удалено (старше 3 дн.)" in out.getvalue()
