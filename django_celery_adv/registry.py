@@ -33,10 +33,12 @@ from typing import Any
 from celery import Celery, Task
 from celery import _state as celery_state
 from django.apps import apps as django_apps
+from kombu import pools as kombu_pools
 
 from . import conf
 from .aliases import AliasRegistry
 from .exceptions import ImproperlyConfiguredApp
+from .process import after_fork
 
 # Options a caller may hand to apply_async that belong to one broker
 # connection; they cannot follow a task that is re-routed to another app.
@@ -152,6 +154,37 @@ class AppRegistry(AliasRegistry[AdvCelery]):
 
 
 apps = AppRegistry()
+
+
+@after_fork
+def _leave_the_parents_broker_connections() -> None:
+    """In a forked child, drop the broker connection pools inherited from the parent.
+
+    kombu closes inherited pools in a child (its after-fork hooks, run by
+    multiprocessing and billiard children). Closing a Redis channel left
+    polling (an ``inspect`` that gave up before its BRPOP returned) reads that
+    reply from the socket the child shares with its parent, and waits forever
+    when the parent reads it first; closing an AMQP connection would end the
+    parent's. Marked closed here, before any hook runs, the inherited pools are
+    skipped by those hooks, and the child opens its own on first use, as
+    Celery's own after-fork reset intends. (``_pool``, ``_producer_pool`` and
+    ``_closed`` are Celery's and kombu's: no public API drops a pool without
+    closing its connections.)
+    """
+    inherited = []
+    for app in apps.all():
+        inherited.append(app._pool)
+        app._pool = None
+        amqp = app.__dict__.get("amqp")  # Celery's cached property, if ever built
+        if amqp is not None:
+            inherited.append(amqp._producer_pool)
+            amqp._producer_pool = None
+    for group in (kombu_pools.connections, kombu_pools.producers):  # Celery's control uses them
+        inherited.extend(group.values())
+        group.clear()
+    for pool in inherited:
+        if pool is not None:
+            pool._closed = True
 
 _local = threading.local()
 
