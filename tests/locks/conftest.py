@@ -140,21 +140,6 @@ def clean_lock_servers():
     client.close()
 
 
-@pytest.fixture(autouse=True)
-def idle_broker_pools() -> None:
-    """A child forked by ``multiprocessing`` runs kombu's after-fork handler, which
-    closes every pooled broker connection inherited from this process. A Redis one
-    left with a BRPOP in flight (an earlier test's ``inspect`` that timed out) makes
-    all children but one wait forever for its single reply. Closing the pools here
-    first reads that reply in this process (within a second); ``resize(reset=True)``
-    closes them and leaves each pool usable."""
-    from django_celery_adv.registry import apps
-
-    for alias in apps:
-        pool = apps[alias].pool
-        pool.resize(pool.limit, reset=True)
-
-
 @pytest.fixture
 def make_backend(request) -> Iterator[Callable[..., LockBackend]]:
     """Factory: a fresh backend instance for the alias (settings OPTIONS, updated by
