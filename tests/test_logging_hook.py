@@ -163,7 +163,11 @@ def test_beat_logs_through_the_same_setting(syslog_socket, tmp_path):
                                  lambda got: any("beat: Starting..." in m for m in got))
     finally:
         os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(15)
+        try:
+            beat.wait(15)
+        except subprocess.TimeoutExpired:  # a beat that ignores SIGTERM must not outlive us
+            os.killpg(beat.pid, signal.SIGKILL)
+            beat.wait(5)
 
     starting = [m for m in messages if "beat: Starting..." in m]
     assert starting, (tmp_path / "beat.log").read_text()
