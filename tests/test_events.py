@@ -222,7 +222,10 @@ def test_recorder_restarted_mid_stream_keeps_every_final_state_delivered(
     Redis fan-out keeps nothing: every task that ends after the restart is final."""
     first = recorder_factory(alias, tag="-first")
     events_on(alias)
-    ids = [TASKS[alias]["work"].delay(i, 0.15).id for i in range(40)]
+    # Each result is waited on through the app that sent it (the rpc:// backend of
+    # "global" replies to the sending app's own queue).
+    results = [TASKS[alias]["work"].delay(i, 0.15) for i in range(40)]
+    ids = [result.id for result in results]
     wait_for(lambda: TaskRecord.objects.filter(task_id__in=ids).exists(), 10)
     assert first.stop() == 0
     assert "writing the last batch" in first.log()
@@ -231,8 +234,8 @@ def test_recorder_restarted_mid_stream_keeps_every_final_state_delivered(
     recorder_factory(alias, tag="-second")
     ready = time.time()
     # The stream goes on across the restart, however long the restart took.
-    ids += [TASKS[alias]["work"].delay(i, 0.05).id for i in range(40, 60)]
-    results = [apps[alias].AsyncResult(task_id) for task_id in ids]
+    results += [TASKS[alias]["work"].delay(i, 0.05) for i in range(40, 60)]
+    ids = [result.id for result in results]
     for result in results:
         assert result.get(timeout=30) is not None
     if alias == "global":

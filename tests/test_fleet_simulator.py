@@ -48,6 +48,17 @@ def shape(value: Any, path: str) -> Any:
     return type(value).__name__
 
 
+def same_shape(ours: Any, theirs: Any) -> bool:
+    """Shapes agree; an empty list agrees with any list (a real worker's ``revoked``
+    holds what earlier tests revoked, the simulator's is empty)."""
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return not ours or not theirs or same_shape(ours[0], theirs[0])
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return ours.keys() == theirs.keys() and all(
+            same_shape(ours[key], theirs[key]) for key in ours)
+    return ours == theirs
+
+
 @pytest.fixture
 def fleets():
     with started_fleets() as start:
@@ -83,7 +94,8 @@ def test_every_reply_has_the_shape_of_a_real_prefork_workers(default_worker, fle
     for command, by_worker in replies.items():
         assert set(by_worker) == {real, simulated}, (command, by_worker)
         path = command.partition(":")[0]
-        assert shape(by_worker[simulated], path) == shape(by_worker[real], path), command
+        ours, theirs = shape(by_worker[simulated], path), shape(by_worker[real], path)
+        assert same_shape(ours, theirs), (command, ours, theirs)
     # The simulated worker speaks for itself: its name, its pids, its task.
     stats = replies["stats"][simulated]
     assert stats["pid"] not in (replies["stats"][real]["pid"],)
@@ -136,13 +148,14 @@ def test_destination_casts_and_unknown_commands_as_a_worker_does(fleet_50):
 def test_silent_and_slow_workers_miss_a_short_reading(fleets):
     fleet = fleets("twin", 30, silent=2, slow=3, slow_latency=1.3)
     app = apps["twin"]
+    simulated = set(fleet.hostnames)  # the session's real twin worker may answer too
     quick = app.control.inspect(timeout=0.5).ping() or {}
-    assert set(quick) == set(fleet.hostnames[5:])
+    assert set(quick) & simulated == set(fleet.hostnames[5:])
     # Celery waits up to its timeout for each next reply: 1.6 s covers the slow
     # ones' 1.3 s. (Not limit=: kombu counts the late replies to the quick
     # reading, which it then drops, towards the limit.)
     patient = app.control.inspect(timeout=1.6).ping() or {}
-    assert set(patient) == set(fleet.hostnames[2:])
+    assert set(patient) & simulated == set(fleet.hostnames[2:])
     # Every answering worker answered both readings (the slow ones late); the
     # silent two never did.
     assert fleet.counters()["replies"] == 2 * 28
