@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from io import StringIO
 from urllib.parse import unquote, urlsplit
 
@@ -54,6 +55,23 @@ def drop(alias: str, queue: Queue) -> None:
         bound = queue(connection.default_channel)
         bound.delete()
         bound.exchange.delete()
+
+
+@pytest.fixture
+def stalling_port() -> Iterator[int]:
+    """A port that accepts connections and never answers (a broker that stalls)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
+                     daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for sock in held:
+            sock.close()
 
 
 @pytest.fixture
@@ -219,32 +237,21 @@ def test_purge_refuses_a_redis_key_that_is_not_a_queue():
         client.delete(key)
 
 
-def test_a_broker_that_accepts_and_stalls_is_an_error_within_the_timeout():
+def test_a_broker_that_accepts_and_stalls_is_an_error_within_the_timeout(stalling_port):
     from django_celery_adv.control import pool_grow
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    port = server.getsockname()[1]
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
-                     daemon=True).start()
-    try:
-        with with_apps(stall_amqp={"broker_url": f"amqp://u:{SECRET}@127.0.0.1:{port}//"},
-                       stall_redis={"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"}):
-            started = time.monotonic()
-            readings = read_queues(["stall_amqp", "stall_redis"], timeout=0.5)
-            assert time.monotonic() - started < 2.5
-            for reading in readings.values():
-                assert reading.error and SECRET not in reading.error
-            started = time.monotonic()
-            reply = pool_grow("stall_redis", "w@h")
-            assert time.monotonic() - started < 2.5
-            assert not reply.ok and "Timeout" in reply.message and SECRET not in reply.message
-    finally:
-        server.close()
-        for sock in held:
-            sock.close()
+    port = stalling_port
+    with with_apps(stall_amqp={"broker_url": f"amqp://u:{SECRET}@127.0.0.1:{port}//"},
+                   stall_redis={"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"}):
+        started = time.monotonic()
+        readings = read_queues(["stall_amqp", "stall_redis"], timeout=0.5)
+        assert time.monotonic() - started < 2.5
+        for reading in readings.values():
+            assert reading.error and SECRET not in reading.error
+        started = time.monotonic()
+        reply = pool_grow("stall_redis", "w@h")
+        assert time.monotonic() - started < 2.5
+        assert not reply.ok and "Timeout" in reply.message and SECRET not in reply.message
 
 
 def test_a_read_that_outlives_every_socket_timeout_is_given_up(monkeypatch):
@@ -301,29 +308,18 @@ def test_a_rabbitmq_that_stalls_after_the_handshake_is_an_error_within_the_timeo
     assert not reply.ok and seconds < 2.5, (reply, seconds)
 
 
-def test_celery_status_queues_keeps_to_its_timeout_on_a_stalled_broker():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    port = server.getsockname()[1]
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
-                     daemon=True).start()
+def test_celery_status_queues_keeps_to_its_timeout_on_a_stalled_broker(stalling_port):
+    port = stalling_port
     apps_setting = {**settings.CELERY_ADV["APPS"],
                     "stall_redis": {"broker_url": f"redis://:{SECRET}@127.0.0.1:{port}/0"}}
-    try:
-        # A long default: only --timeout can make the command quick.
-        with override_settings(CELERY_ADV={**settings.CELERY_ADV, "APPS": apps_setting,
-                                           "INSPECT_TIMEOUT": 5.0}):
-            out = StringIO()
-            started = time.monotonic()
-            with pytest.raises(CommandError):
-                call_command("celery_status", "queues", "--app", "stall_redis", "--fresh",
-                             "--timeout", "0.3", stdout=out)
-            seconds = time.monotonic() - started
-    finally:
-        server.close()
-        for sock in held:
-            sock.close()
+    # A long default: only --timeout can make the command quick.
+    with override_settings(CELERY_ADV={**settings.CELERY_ADV, "APPS": apps_setting,
+                                       "INSPECT_TIMEOUT": 5.0}):
+        out = StringIO()
+        started = time.monotonic()
+        with pytest.raises(CommandError):
+            call_command("celery_status", "queues", "--app", "stall_redis", "--fresh",
+                         "--timeout", "0.3", stdout=out)
+        seconds = time.monotonic() - started
     assert "Queues: ?" in out.getvalue() and SECRET not in out.getvalue()
     assert seconds < 3, seconds
