@@ -513,3 +513,53 @@ def test_changelist_action_needs_its_permission_and_is_logged():
     allowed = _client(_staff("revoke_taskrecord"))
     assert allowed.post(reverse(CHANGELIST), form).status_code == 302
     assert sorted(LogEntry.objects.values_list("object_id", flat=True)) == sorted(ids)
+
+
+@pytest.mark.django_db(transaction=True)  # PostgreSQL: a failed query ends a transaction
+def test_action_on_a_dead_database_or_a_bad_id_gives_a_page_not_a_500():
+    _records("default", 1)
+    record = TaskRecord.objects.get()
+    client = _client(User.objects.create_superuser("root-db", password="x"))
+    client.raise_request_exception = False
+    url = reverse("admin:django_celery_adv_taskrecord_revoke", args=[record.pk])
+    assert client.post(url.replace(f"/{record.pk}/", "/abc/")).status_code == 404
+    table = TaskRecord._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
+    try:
+        response = client.post(url)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
+    assert response.status_code == 503
+    assert "database is unavailable" in response.content.decode()
+
+
+@pytest.mark.parametrize("args", ["([[[...]]],)", "(" + repr("x" * 1030)[:-1] + "...',)"])
+def test_retry_refuses_arguments_celery_shortened(args):
+    from django_celery_adv.events import operations
+
+    record = TaskRecord(app_alias="default", task_id="short-1", name="events.default.work",
+                        args=args, kwargs="{}", retryable=True)
+    with pytest.raises(operations.TaskActionError):
+        operations._arguments(record)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_counters_survive_a_failed_stats_write_after_the_records_were_written(monkeypatch):
+    recorder = AppRecorder("default", store_settings(), enable_events=False)
+    for event in _events("stats-1"):
+        recorder.on_event(event)
+    real = store.update_stats
+
+    def down(*args, **kwargs):
+        raise store.transaction.TransactionManagementError("database went away")
+
+    monkeypatch.setattr(store, "update_stats", down)
+    recorder.flush()  # the records are committed, the counters row is not
+    assert TaskRecord.objects.get(task_id="stats-1").state == "SUCCESS"
+    monkeypatch.setattr(store, "update_stats", real)
+    recorder.flush()
+    stats = TaskRecorderStats.objects.get(app_alias="default")
+    assert stats.events_seen == 3 and stats.events_written == 3
+    assert stats.task_counts.get("t.x") == {"RECEIVED": 1, "STARTED": 1, "SUCCESS": 1}

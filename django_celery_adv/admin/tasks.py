@@ -29,7 +29,13 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import Q
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -269,8 +275,13 @@ class TaskRecordAdmin(admin.ModelAdmin):
             raise PermissionDenied
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
-        record = get_object_or_404(TaskRecord, pk=object_id)
-        self.perform(request, action, [record])
+        if not object_id.isdigit():  # the ORM raises ValueError (a 500) for "abc"
+            raise Http404
+        try:
+            record = get_object_or_404(TaskRecord, pk=object_id)
+            self.perform(request, action, [record])
+        except DatabaseError as error:  # the list and detail pages do the same
+            return self._unavailable(request, error)
         return HttpResponseRedirect(
             reverse("admin:django_celery_adv_taskrecord_change", args=[record.pk]))
 

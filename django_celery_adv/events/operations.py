@@ -42,7 +42,37 @@ def _arguments(record: TaskRecord) -> tuple[list[Any], dict[str, Any]]:
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise TaskActionError(_("Task %(id)s cannot be retried: its arguments are not a "
                                 "list and a dict.") % {"id": record.task_id})
+    if _shortened(record.args, args) or _shortened(record.kwargs, kwargs):
+        raise TaskActionError(_("Task %(id)s cannot be retried: its arguments were not "
+                                "recorded exactly (masked, shortened or not literals).")
+                              % {"id": record.task_id})
     return list(args), kwargs
+
+
+def _shortened(text: str, value: Any) -> bool:
+    """Whether Celery's ``saferepr`` shortened the repr the event carried.
+
+    Events carry ``argsrepr``/``kwargsrepr``, cut by Celery at
+    ``AMQP.argsrepr_maxsize`` characters (a long string ends in ``...'``) and
+    three levels deep (``[[[...]]]``): both still parse as literals, with other
+    values (a cut string, ``Ellipsis``). A repr that long is refused (a real one
+    of that length cannot be told apart), and so is any ``Ellipsis``.
+    """
+    from celery.app.amqp import AMQP
+
+    if len(text or "") >= min(AMQP.argsrepr_maxsize, AMQP.kwargsrepr_maxsize):
+        return True
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is Ellipsis:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+    return False
 
 
 def _app(record: TaskRecord):

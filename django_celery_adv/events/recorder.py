@@ -97,6 +97,9 @@ class AppRecorder:
         self._known_workers: set[str] = set()
         self._enable_now = threading.Event()
         self.lag = deque(maxlen=LAG_SAMPLES)
+        # Written records whose counters are not saved yet (writer thread only).
+        self._unsaved_written = 0
+        self._unsaved_counts: dict[str, dict[str, int]] = {}
         self.connected = threading.Event()
         self.broker_error = ""
         self.db_error = ""
@@ -223,7 +226,7 @@ class AppRecorder:
     def flush(self) -> int:
         """Write what accumulated; the number of events written."""
         pending, workers, heartbeats, seen, dropped, last_event_at = self.take()
-        if not (pending or workers or heartbeats or seen or dropped):
+        if not (pending or workers or heartbeats or seen or dropped or self._unsaved_written):
             return 0
         written = 0
         result = None
@@ -233,11 +236,15 @@ class AppRecorder:
                 written = result.events
                 done = time.time()
                 self.lag.extend(done - change["_received"] for change in pending.values())
+                # Committed: from here on its counts must reach the counters row once.
+                self._unsaved_written += written
+                store._add_counts(self._unsaved_counts, result.counts)
             store.update_stats(
-                self.alias, seen=seen, written=written, dropped=dropped,
+                self.alias, seen=seen, written=self._unsaved_written, dropped=dropped,
                 last_event_at=last_event_at, wrote=bool(pending),
-                task_counts=result.counts if result else None, worker_counts=workers,
+                task_counts=self._unsaved_counts or None, worker_counts=workers,
                 heartbeats=heartbeats)
+            self._unsaved_written, self._unsaved_counts = 0, {}
             self.db_error = ""
         except Exception as error:  # database down or locked: keep the batch within bounds
             self.db_error = mask_text(f"{type(error).__name__}: {error}", limit=300)
