@@ -349,3 +349,57 @@ def test_redis_reply_batches_come_oldest_first_on_new_and_old_servers():
             assert not pop(client, key) and client.llen(key) == 0
     finally:
         client.delete(key)
+
+
+def test_a_waiter_asking_for_more_commands_does_not_take_a_narrower_reading(
+        default_worker, monkeypatch):
+    """``celery_status active`` waiting on another process's claim must not use that
+    process's table reading (no ``active``): it reads the running tasks itself."""
+    from datetime import UTC, timedelta
+
+    from django_celery_adv.models import AppReading
+    from django_celery_adv.monitoring import FULL_COMMANDS
+    from django_celery_adv.monitoring import record as store
+
+    inspect_all(["default"], timeout=0.5, max_age=0)  # a table reading (no "active")
+    AppReading.objects.filter(app_alias="default").update(
+        reader="other", reader_until=datetime.now(UTC) + timedelta(seconds=60))
+    polled = store.reading_state
+
+    def claimer_stores_its_table_reading(alias):
+        # The other process stores its (table) reading and releases its claim.
+        AppReading.objects.filter(app_alias=alias).update(
+            read_at=datetime.now(UTC), reader="", reader_until=None)
+        return polled(alias)
+
+    monkeypatch.setattr(store, "reading_state", claimer_stores_its_table_reading)
+    status = inspect_all(["default"], timeout=1.0, commands=FULL_COMMANDS)["default"]
+
+    assert "active" in status.commands, status.commands
+    worker = status.worker(default_worker.name)
+    assert worker is not None and worker.online and worker.active is not None
+
+
+def test_a_claim_that_expired_is_taken_over_by_one_waiter_only(default_worker, monkeypatch):
+    """Waiters that see the claim expire race for it: the loser keeps waiting for the
+    winner's reading instead of broadcasting too."""
+    from datetime import UTC, timedelta
+
+    from django_celery_adv.models import AppReading
+    from django_celery_adv.monitoring import record as store
+
+    first = inspect_all(["default"], timeout=0.5, max_age=0)["default"]
+    AppReading.objects.filter(app_alias="default").update(
+        reader="other", reader_until=datetime.now(UTC) + timedelta(seconds=60))
+    # What we polled says "expired"; by the time we claim, another waiter has it.
+    monkeypatch.setattr(store, "reading_state", lambda alias: (
+        first.read_at, datetime.now(UTC) - timedelta(seconds=1)))
+    broadcasts = []
+    collect = monitoring.shared.collect
+    monkeypatch.setattr(monitoring.shared, "collect",
+                        lambda *args, **kwargs: broadcasts.append(1) or collect(*args, **kwargs))
+
+    status = inspect_all(["default"], timeout=0.3, max_age=0)["default"]
+
+    assert broadcasts == []
+    assert not status.reachable and "another process" in status.error

@@ -192,7 +192,13 @@ def _fresh(known: store.Record, max_age: float, commands: Iterable[str]) -> bool
     if reading is None or max_age <= 0:
         return False
     age = (datetime.now(UTC) - reading["read_at"]).total_seconds()
-    return age <= max_age and set(commands) <= set(reading["commands"].split(","))
+    return age <= max_age and _covers(known, commands)
+
+
+def _covers(known: store.Record | None, commands: Iterable[str]) -> bool:
+    """True when ``known``'s reading asked at least ``commands`` (else it lacks fields)."""
+    reading = known.reading if known is not None else None
+    return reading is not None and set(commands) <= set(reading["commands"].split(","))
 
 
 # -- every app ------------------------------------------------------------------------
@@ -254,13 +260,23 @@ def inspect_all(aliases: Iterable[str] | None = None, timeout: float | None = No
             read_at, until = _db("poll", store.reading_state, alias, default=(None, None))
             if read_at is not None and read_at != records[alias].read_at:
                 fresh = _db("load", store.load, alias)
+                if fresh is not None and not _covers(fresh, commands):
+                    # The claimer asked less (a table reading; we want ``active``
+                    # too): its reading lacks fields, so read ourselves now.
+                    waiting.remove(alias)
+                    records[alias] = fresh
+                    _db("claim", store.claim, alias, token, timeout + HARD_GRACE)
+                    start(alias, max(0.05, hard_deadline - HARD_GRACE - time.monotonic()))
+                    continue
                 shared = fresh and store.status_from_record(fresh, masked_broker(alias))
                 if shared is not None:
                     results[alias] = shared
                     waiting.remove(alias)
-            elif until is None or until < datetime.now(UTC):
-                waiting.remove(alias)  # the claimer gave up or died: read ourselves
-                _db("claim", store.claim, alias, token, timeout + HARD_GRACE)
+            elif (until is None or until < datetime.now(UTC)) and _db(
+                    "claim", store.claim, alias, token, timeout + HARD_GRACE, default=True):
+                # The claimer gave up or died: read ourselves. (Another waiter
+                # that claimed first reads instead; we wait for its reading.)
+                waiting.remove(alias)
                 start(alias, max(0.05, hard_deadline - HARD_GRACE - time.monotonic()))
 
     for thread in threads.values():
