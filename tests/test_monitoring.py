@@ -16,7 +16,7 @@ from django.test import override_settings
 
 from django_celery_adv import monitoring
 from django_celery_adv.masking import MASK, mask_secrets, mask_text, mask_url, url_secrets
-from django_celery_adv.monitoring import Status, forget_workers, inspect_all, mark_seen
+from django_celery_adv.monitoring import AppStatus, Status, forget_workers, inspect_all, mark_seen
 from tests.testapp.monitoring_tasks import monitored_sleep
 
 SECRET = "secretpw"
@@ -403,3 +403,25 @@ def test_a_claim_that_expired_is_taken_over_by_one_waiter_only(default_worker, m
 
     assert broadcasts == []
     assert not status.reachable and "another process" in status.error
+
+
+@pytest.mark.django_db
+def test_storing_a_reading_leaves_a_claim_that_another_process_took_since():
+    """The claimer of an expired claim stores late: the claim another process took
+    meanwhile stays that process's (else a third would broadcast too)."""
+    from django.utils import timezone
+
+    from django_celery_adv.models import AppReading
+    from django_celery_adv.monitoring import record as store
+
+    assert store.claim("default", "late", 0.01)
+    time.sleep(0.05)  # the late claimer's claim expires ...
+    assert store.claim("default", "other", 30)  # ... and another process takes it
+    store.save(AppStatus(alias="default", broker="redis://h/0", reachable=True, error=None,
+                         commands=["stats"]), None, "late")
+    row = AppReading.objects.get(app_alias="default")
+    assert row.reader == "other" and row.reader_until > timezone.now()
+    store.save(AppStatus(alias="default", broker="redis://h/0", reachable=True, error=None,
+                         commands=["stats"]), None, "other")
+    row.refresh_from_db()
+    assert (row.reader, row.reader_until) == ("", None)  # its own claim is released

@@ -90,8 +90,10 @@ def same_values(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     return True
 
 
-def save(status: AppStatus, known: Record | None = None) -> None:
-    """Store a fresh reading: its answering workers' values and its summary; release the claim.
+def save(status: AppStatus, known: Record | None = None, token: str | None = None) -> None:
+    """Store a fresh reading: its answering workers' values and its summary, and
+    release the reader claim if it is still ``token``'s (a claim that expired and
+    was taken by another process stays that process's).
 
     Workers whose values equal those in ``known`` (the record the reading
     started from) only get their times moved: those that answered the
@@ -137,14 +139,15 @@ def save(status: AppStatus, known: Record | None = None) -> None:
         summary = {"read_at": status.read_at, "duration": status.duration,
                    "reachable": status.reachable, "error": status.error or "",
                    "commands": ",".join(status.commands), "unread": status.unread,
-                   "missing": status.missing, "unread_by": status.unread_by,
-                   "reader": "", "reader_until": None}
+                   "missing": status.missing, "unread_by": status.unread_by}
         if not AppReading.objects.filter(app_alias=status.alias).update(**summary):
             try:
                 with transaction.atomic():
                     AppReading.objects.create(app_alias=status.alias, **summary)
             except IntegrityError:  # created meanwhile by another process
                 AppReading.objects.filter(app_alias=status.alias).update(**summary)
+        if token:
+            release(status.alias, token)
         forget_before = now() - timedelta(seconds=conf.monitoring("FORGET_AFTER"))
         SeenWorker.objects.filter(app_alias=status.alias, last_seen__lt=forget_before).delete()
 

@@ -300,7 +300,7 @@ def inspect_all(aliases: Iterable[str] | None = None, timeout: float | None = No
         if not status.shared:
             _remember(status, records[alias])
             if in_db[alias]:
-                _db("save", store.save, status, records[alias])
+                _db("save", store.save, status, records[alias], token)
         statuses[alias] = status
     return statuses
 
