@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
+from bench.databases import create_database
+
 ALIASES = ("default", "global", "twin")
 ROUNDS = int(os.environ.get("BENCH_METRICS_ROUNDS", "30"))
 RECORDS = int(os.environ.get("BENCH_METRICS_RECORDS", "100000"))
@@ -215,27 +217,7 @@ def own_database() -> None:
             Path(f"{db['NAME']}{suffix}").unlink(missing_ok=True)
         return
     db["NAME"] = "celery_adv_bench_metrics"
-    if db["ENGINE"].endswith("postgresql"):
-        import psycopg
-        from psycopg import sql
-
-        with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
-                             password=db["PASSWORD"] or None, dbname="postgres",
-                             autocommit=True) as connection:
-            if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                      (db["NAME"],)).fetchone():
-                connection.execute(sql.SQL("CREATE DATABASE {}").format(
-                    sql.Identifier(db["NAME"])))
-    else:
-        import pymysql
-
-        connection = pymysql.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
-                                     password=db["PASSWORD"], autocommit=True)
-        with connection.cursor() as cursor:
-            cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{db['NAME']}` CHARACTER SET "
-                           "utf8mb4 COLLATE utf8mb4_unicode_ci")
-        connection.close()
-
+    create_database(db)
 
 def main() -> int:
     from bench.inspect_all import Workers, setup_django

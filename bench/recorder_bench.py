@@ -32,6 +32,8 @@ import threading
 import time
 import uuid
 
+from bench.databases import create_database
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAM_TASKS = int(os.environ.get("BENCH_STREAM_TASKS", "3000"))
 REPLAY_EVENTS = int(os.environ.get("BENCH_REPLAY_EVENTS", "60000"))
@@ -58,18 +60,6 @@ def setup_django() -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-
-
-def create_database(db: dict) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
-                         password=db["PASSWORD"] or None, dbname="postgres",
-                         autocommit=True) as connection:
-        if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                  (db["NAME"],)).fetchone():
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
 
 
 # -- 1. the stream --------------------------------------------------------------------

@@ -24,29 +24,11 @@ bash scripts/services.sh vhost bench   # bench/settings.py's RabbitMQ vhost
 DJANGO_SETTINGS_MODULE=bench.settings .venv/bin/python - <<'PY'
 from django.conf import settings
 
+from bench.databases import create_database
+
 db = settings.DATABASES["default"]
-if db["ENGINE"].endswith("postgresql"):
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
-                         password=db["PASSWORD"] or None, dbname="postgres",
-                         autocommit=True) as connection:
-        if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                  (db["NAME"],)).fetchone():
-            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
-            print(f"created the PostgreSQL database {db['NAME']}")
-elif db["ENGINE"].endswith("mysql"):
-    import pymysql
-
-    connection = pymysql.connect(host=db["HOST"], port=int(db["PORT"]), user=db["USER"],
-                                 password=db["PASSWORD"], autocommit=True)
-    with connection.cursor() as cursor:
-        name = db["NAME"].replace("`", "``")
-        if cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 "
-                          "COLLATE utf8mb4_unicode_ci"):
-            print(f"created the MariaDB database {db['NAME']}")
-    connection.close()
+if create_database(db):
+    print(f"created the database {db['NAME']}")
 PY
 echo "bench.sh: TEST_DB=${TEST_DB:-sqlite}, $(uptime)"
 for module in locks_roundtrip makespan inspect_all masking beat_failover fleet_bench recorder_bench \
