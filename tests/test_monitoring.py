@@ -425,3 +425,42 @@ def test_storing_a_reading_leaves_a_claim_that_another_process_took_since():
                          commands=["stats"]), None, "other")
     row.refresh_from_db()
     assert (row.reader, row.reader_until) == ("", None)  # its own claim is released
+
+
+@pytest.mark.django_db
+def test_a_start_time_moved_by_reply_timing_is_not_a_change():
+    """A worker's start time is the reading's end minus the whole seconds of ``uptime``
+    it sent: two readings of a worker that did not restart can put it 2 s apart, more
+    when replies come early in a long reading. Such a worker is stored like an
+    unchanged one (times moved in one UPDATE, values kept), not rewritten; before,
+    on a loaded machine part of an idle fleet was rewritten each reading."""
+    from datetime import UTC, timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from django_celery_adv.models import SeenWorker
+    from django_celery_adv.monitoring import WorkerStatus
+    from django_celery_adv.monitoring import record as store
+
+    def reading(at, duration, uptimes):
+        status = AppStatus(alias="default", broker="redis://h/0", reachable=True, error=None,
+                           commands=["stats"], read_at=at, duration=duration)
+        status.workers = [WorkerStatus(name=name, status=Status.ONLINE, concurrency=2, pid=7,
+                                       uptime=uptime, last_seen=at, values_at=at)
+                          for name, uptime in uptimes.items()]
+        return status
+
+    first_at = datetime.now(UTC).replace(microsecond=900000) - timedelta(seconds=10)
+    store.save(reading(first_at, 0.1, {"a@h": 100, "b@h": 100}))
+    started = {row.hostname: row.values["started"] for row in SeenWorker.objects.all()}
+    # 1.7 s later: "a" sent its uptime early in a 1.2 s reading, "b" at its end.
+    second_at = first_at + timedelta(seconds=1.7)
+    with CaptureQueriesContext(connection) as queries:
+        store.save(reading(second_at, 1.2, {"a@h": 100, "b@h": 101}), store.load("default"))
+
+    assert [row.values["started"] - started[row.hostname]  # 2 s apart, and kept
+            for row in SeenWorker.objects.order_by("hostname")] == [0, 0]
+    assert set(SeenWorker.objects.values_list("values_at", flat=True)) == {second_at}
+    assert not [query for query in queries.captured_queries
+                if query["sql"].lstrip().upper().startswith("INSERT")], "rewritten"

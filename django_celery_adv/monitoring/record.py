@@ -77,13 +77,20 @@ def load(alias: str) -> Record:
                    for name, seen, at, values in rows})
 
 
-def same_values(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
-    """Equal but for a start time one second apart (rounding of ``uptime``)."""
+def same_values(new: Mapping[str, Any], old: Mapping[str, Any], slack: float = 2.0) -> bool:
+    """Equal but for start times at most ``slack`` seconds apart.
+
+    A start time is derived: the reading's end minus the whole seconds of
+    ``uptime`` the worker sent, at any moment of the reading. Two readings of
+    one worker that did not restart give start times that differ by up to 2 s
+    of truncation and rounding plus how long each reading took; a restart
+    also shows in ``pid`` and the counters.
+    """
     if new.keys() != old.keys():
         return False
     for key, value in new.items():
         if key == "started":
-            if not isinstance(old[key], int | float) or abs(value - old[key]) > 1:
+            if not isinstance(old[key], int | float) or abs(value - old[key]) > slack:
                 return False
         elif value != old[key]:
             return False
@@ -104,13 +111,15 @@ def save(status: AppStatus, known: Record | None = None, token: str | None = Non
     """
     changed: list[SeenWorker] = []
     unchanged: list[str] = []
+    slack = 2.0 + status.duration + (known.reading["duration"] or 0.0
+                                     if known and known.reading else 0.0)
     for worker in status.workers:
         if worker.values_at != status.read_at:
             continue  # silent now: its row keeps its last values
         values = worker.values()
         before = known.workers.get(worker.name) if known else None
         if before is not None and before.values_at is not None \
-                and same_values(values, before.values):
+                and same_values(values, before.values, slack):
             unchanged.append(worker.name)
         else:
             changed.append(SeenWorker(app_alias=status.alias, hostname=worker.name,
