@@ -51,9 +51,14 @@ def prepare(rows: list[tuple[str, int]]) -> None:
     """Create the database and table if missing; give each (lock, slot) a row at token 0."""
     create_database(DATABASE)
     with psycopg.connect(dsn(from_namespace=False), autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS fenced (lock text, slot int, token bigint "
-                     "NOT NULL, writer text, writes bigint NOT NULL DEFAULT 0, "
-                     "PRIMARY KEY (lock, slot))")
+        # Two runs creating the table at once: CREATE TABLE IF NOT EXISTS is not
+        # safe against that in PostgreSQL (a unique violation on pg_type), so the
+        # creators take turns on an advisory lock held until the commit.
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('celery_adv fenced table'))")
+            conn.execute("CREATE TABLE IF NOT EXISTS fenced (lock text, slot int, token "
+                         "bigint NOT NULL, writer text, writes bigint NOT NULL DEFAULT 0, "
+                         "PRIMARY KEY (lock, slot))")
         for lock, slot in rows:
             conn.execute("INSERT INTO fenced (lock, slot, token) VALUES (%s, %s, 0) "
                          "ON CONFLICT (lock, slot) DO UPDATE SET token = 0, writes = 0",
