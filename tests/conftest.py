@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 from django.conf import settings
 
+from tests.browser import serving_admin_static
 from tests.workers import WorkerProcess
 
 #: service -> (URL setting, what installs/starts it)
@@ -49,6 +50,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     db = settings.DATABASES["default"]
     return [f"django-celery-adv: database {db['ENGINE'].rsplit('.', 1)[-1]}, "
             f"redis {settings.REDIS_URL}, rabbitmq {urlsplit(settings.AMQP_URL).hostname}"]
+
+
+@pytest.fixture(scope="module")
+def styled_live_server(request):
+    """pytest-django's ``live_server``, serving the admin's CSS too (the test
+    settings have no staticfiles app): for the browser tests' screenshots."""
+    with serving_admin_static():
+        yield request.getfixturevalue("live_server")
 
 
 @pytest.fixture(scope="session")

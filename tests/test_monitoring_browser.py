@@ -18,18 +18,12 @@ from django_celery_adv.locks.backends import lock_backends
 from django_celery_adv.locks.backends.base import Holder
 from django_celery_adv.models import LockDefinition
 from django_celery_adv.monitoring import forget_workers
-from tests.browser import chromium, log_in, navigate, serving_admin_static
+from tests.browser import chromium, log_in, navigate
 
 SCREENSHOTS = Path(settings.BUILD_DIR) / "screenshots"
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workers]
 
-
-@pytest.fixture(scope="module")
-def styled_live_server(request):
-    """live_server serving the admin's CSS (the test settings have no staticfiles app)."""
-    with serving_admin_static():
-        yield request.getfixturevalue("live_server")
 
 
 @pytest.fixture

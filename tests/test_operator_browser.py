@@ -15,7 +15,7 @@ from django.contrib.admin.models import LogEntry
 from django.urls import reverse
 
 from django_celery_adv.monitoring import forget_workers
-from tests.browser import chromium, log_in, navigate, page_png, serving_admin_static
+from tests.browser import chromium, log_in, navigate, page_png
 from tests.test_monitoring_admin import make_user
 from tests.test_queues import drop, fill, with_apps
 
@@ -23,11 +23,6 @@ SCREENSHOTS = Path(settings.BUILD_DIR) / "screenshots"
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workers]
 
-
-@pytest.fixture(scope="module")
-def styled_live_server(request):
-    with serving_admin_static():
-        yield request.getfixturevalue("live_server")
 
 
 def test_operator_purges_a_queue_and_resizes_a_pool(styled_live_server, default_worker):

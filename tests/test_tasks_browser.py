@@ -19,18 +19,13 @@ from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
 from django_celery_adv.models import TaskRecord
-from tests.browser import chromium, log_in, navigate, page_png, serving_admin_static
+from tests.browser import chromium, log_in, navigate, page_png
 from tests.test_monitoring_admin import make_user
 
 SCREENSHOTS = Path(settings.BUILD_DIR) / "screenshots"
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-@pytest.fixture
-def styled_live_server(request):
-    with serving_admin_static():
-        yield request.getfixturevalue("live_server")
 
 
 def record(task_id: str, name: str, state: str, **fields) -> TaskRecord:

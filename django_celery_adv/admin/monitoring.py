@@ -115,21 +115,24 @@ class MonitoringAdmin(admin.ModelAdmin):
     def get_urls(self) -> list:
         # Only our pages: the default change/delete/history views would query
         # a table that does not exist.
-        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
         wrap = self.admin_site.admin_view
         return [
-            path("", wrap(self.changelist_view), name=f"{prefix}_changelist"),
+            path("", wrap(self.changelist_view), name=self.url_name("changelist")),
             path("workers/<str:alias>/<str:name>/", wrap(self.worker_view),
-                 name=f"{prefix}_worker"),
-            path("locks/", wrap(self.locks_view), name=f"{prefix}_locks"),
+                 name=self.url_name("worker")),
+            path("locks/", wrap(self.locks_view), name=self.url_name("locks")),
             path("locks/force-release/", wrap(self.force_release_view),
-                 name=f"{prefix}_force_release"),
+                 name=self.url_name("force_release")),
             *QueuePages(self).urls(), *WorkerControlPages(self).urls(),
         ]
 
+    def url_name(self, page: str) -> str:
+        """The URL name of one of our pages (``admin:`` + this, to reverse it)."""
+        return f"{self.opts.app_label}_{self.opts.model_name}_{page}"
+
     def _url(self, name: str, *args: Any) -> str:
-        return reverse(f"admin:{self.opts.app_label}_{self.opts.model_name}_{name}",
-                       args=args, current_app=self.admin_site.name)
+        return reverse(f"admin:{self.url_name(name)}", args=args,
+                       current_app=self.admin_site.name)
 
     def _context(self, request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
         refresh = self._refresh(request)

@@ -53,12 +53,10 @@ class QueuePages:
         self.model_admin = model_admin
 
     def urls(self) -> list:
-        opts = self.model_admin.opts
-        prefix = f"{opts.app_label}_{opts.model_name}"
-        wrap = self.model_admin.admin_site.admin_view
+        name, wrap = self.model_admin.url_name, self.model_admin.admin_site.admin_view
         return [
-            path("queues/", wrap(self.queues_view), name=f"{prefix}_queues"),
-            path("queues/purge/", wrap(self.purge_view), name=f"{prefix}_purge_queue"),
+            path("queues/", wrap(self.queues_view), name=name("queues")),
+            path("queues/purge/", wrap(self.purge_view), name=name("purge_queue")),
         ]
 
     @staticmethod

@@ -171,14 +171,12 @@ class WorkerControlPages:
         self.model_admin = model_admin
 
     def urls(self) -> list:
-        opts = self.model_admin.opts
-        prefix = f"{opts.app_label}_{opts.model_name}"
-        wrap = self.model_admin.admin_site.admin_view
+        name, wrap = self.model_admin.url_name, self.model_admin.admin_site.admin_view
         return [
             path("workers/<str:alias>/<str:name>/control/", wrap(self.control_view),
-                 name=f"{prefix}_worker_control"),
+                 name=name("worker_control")),
             path("workers/<str:alias>/<str:name>/control/<str:action>/",
-                 wrap(self.action_view), name=f"{prefix}_worker_action"),
+                 wrap(self.action_view), name=name("worker_action")),
         ]
 
     def _page(self, request: HttpRequest, alias: str, name: str,
