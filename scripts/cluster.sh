@@ -16,6 +16,7 @@
 # Idempotent: `start` twice starts nothing twice; `stop` removes all it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/apt.sh
 STATE=${CLUSTER_DIR:-$PWD/build/cluster}
 PREFIX=cadv-
 BRIDGE=${PREFIX}br0
@@ -38,18 +39,7 @@ ns() { echo "$PREFIX$1"; }
 in_ns() { local node=$1; shift; $SUDO ip netns exec "$(ns "$node")" "$@"; }
 alive() { [ -r "/proc/$1/stat" ] && ! grep -q '^[^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
 
-need_packages() {
-  local missing=() pkg
-  for pkg in iproute2 zookeeper etcd-server redis-server socat; do
-    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == *"ok installed"* ]] || missing+=("$pkg")
-  done
-  if ((${#missing[@]})); then
-    echo "cluster.sh: installing ${missing[*]} (Debian)"
-    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-      "${missing[@]}" >/dev/null
-  fi
-}
+need_packages() { apt_ensure_packages iproute2 zookeeper etcd-server redis-server socat; }
 
 # -- network -------------------------------------------------------------------
 net_up() {

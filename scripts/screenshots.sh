@@ -14,16 +14,7 @@ OUT=$PWD/docs/images
 MAX_BYTES=200000
 
 ensure_venv "all,test"
-missing=()
-command -v chromium >/dev/null || missing+=(chromium)
-command -v chromedriver >/dev/null || missing+=(chromium-driver)
-command -v optipng >/dev/null || missing+=(optipng)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} (Debian) ..."
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    "${missing[@]}" >/dev/null
-fi
+apt_ensure_commands chromium:chromium chromedriver:chromium-driver optipng:optipng
 started=$(mktemp)
 trap 'xargs -r bash scripts/services.sh stop <"$started"; rm -f "$started"' EXIT
 SERVICES_STARTED_FILE=$started bash scripts/services.sh start

@@ -7,6 +7,7 @@
 #      STATE_DIR (default build/services), SERVICES_TIMEOUT (seconds, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/apt.sh
 mkdir -p "${STATE_DIR:=build/services}"
 STATE_DIR=$(cd "$STATE_DIR" && pwd)   # absolute: written into configs and the record
 RECORD=$STATE_DIR/started             # "name pid" for each server THIS script started
@@ -28,7 +29,6 @@ die() { echo "services.sh: $*" >&2; exit 1; }
 # Alive and not a zombie (PID 1 here may be slow to reap orphans).
 alive() { [ -r "/proc/$1/stat" ] && ! grep -q '^[^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
 listening() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
-installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == *"ok installed"* ]]; }
 # Send raw bytes to a port; succeed once the reply contains the expected text.
 ask() {
   python3 - "$@" 2>/dev/null <<'EOF'
@@ -60,14 +60,6 @@ spawn() {
   local name=$1; shift
   (cd "$STATE_DIR" && exec setsid "$@" >"$STATE_DIR/$name.log" 2>&1 </dev/null) &
   record "$name" $!
-}
-
-apt_install() {
-  local log=$STATE_DIR/apt.log lock=(-o DPkg::Lock::Timeout=600)   # wait for a running apt
-  echo "installing with apt: $*"
-  { $SUDO apt-get "${lock[@]}" update &&
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y --no-install-recommends "$@"
-  } >"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install $* failed (log: $log)"; }
 }
 
 # RabbitMQ run as root straight from /usr/lib (the /usr/sbin wrapper su's to rabbitmq) with
@@ -165,7 +157,7 @@ stop_one() {
 
 start_postgres() {
   if ! listening "$PG_PORT"; then
-    installed postgresql || apt_install postgresql
+    apt_installed postgresql || apt_install --no-install-recommends postgresql
     local ver; ver=$(ls /etc/postgresql 2>/dev/null | head -1) || true
     [ -n "$ver" ] && $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start >>"$STATE_DIR/postgresql.log" 2>&1 || true
     local end=$((SECONDS + DEADLINE))
@@ -183,9 +175,9 @@ start_postgres() {
 cmd_start() {
   local name missing=() todo=()
   for name in "${SERVICES[@]}"; do
-    listening "${PORT[$name]}" || installed "${PKG[$name]}" || missing+=("${PKG[$name]}")
+    listening "${PORT[$name]}" || apt_installed "${PKG[$name]}" || missing+=("${PKG[$name]}")
   done
-  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"   # one apt run for everything missing
+  ((${#missing[@]} == 0)) || apt_install --no-install-recommends "${missing[@]}"   # one apt run
   for name in "${SERVICES[@]}"; do   # re-check: a package's postinst may have started it
     if listening "${PORT[$name]}"; then
       owned "$name" && echo "reusing $name on 127.0.0.1:${PORT[$name]} (started earlier by services.sh)" && continue

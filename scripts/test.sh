@@ -12,16 +12,7 @@ ensure_venv "all,test"
 # Debian tools the tests drive: chromium + chromium-driver for the headless
 # browser test (selenium uses /usr/bin/chromedriver; nothing is downloaded) and
 # faketime for the moved-clock fault tests.
-missing=()
-command -v chromium >/dev/null || missing+=(chromium)
-command -v chromedriver >/dev/null || missing+=(chromium-driver)
-command -v faketime >/dev/null || missing+=(faketime)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} (Debian) ..."
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    "${missing[@]}" >/dev/null
-fi
+apt_ensure_commands chromium:chromium chromedriver:chromium-driver faketime:faketime
 # Stop only what this run started: a server another run still uses stays up.
 started=$(mktemp) side_pid=
 trap '[ -z "$side_pid" ] || kill -- "-$side_pid" 2>/dev/null || true

@@ -1,10 +1,11 @@
-# Sourced by test.sh and demo.sh: make sure .venv exists with the project installed.
+# Sourced by test.sh, demo.sh, bench.sh and screenshots.sh: make sure .venv exists with
+# the project installed (and, through scripts/apt.sh, offer apt_install & co).
 # Usage: ensure_venv EXTRAS   (e.g. "all,test")
+source scripts/apt.sh
 ensure_venv() {
   local extras=$1 stamp
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
-    echo "installing python3-venv (Debian) ..."
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
+    apt_install python3-venv python3-pip
   fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
   # Reinstall only when pyproject.toml or the extras changed.

@@ -18,6 +18,7 @@
 # Last line on success: "wheel smoke test: ok".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/apt.sh
 ROOT=$PWD
 OUT=$ROOT/build/wheel-smoke
 START=$SECONDS
@@ -27,7 +28,7 @@ die() { echo "wheel smoke test: FAILED: $*" >&2; exit 1; }
 
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   step "installing python3-venv (Debian, needs root)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  apt_install python3-venv
 fi
 
 TOOLS=$ROOT/build/wheel-smoke-tools
