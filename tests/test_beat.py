@@ -20,6 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
+from django_celery_adv.beat.health import WRITE_EVERY
 from django_celery_adv.locks import lock
 from django_celery_adv.locks.backends.base import HOSTNAME
 from django_celery_adv.models import BeatNode, PeriodicTaskApp
@@ -83,7 +84,10 @@ def logs(beats) -> str:
 
 
 def fresh_leaders(alias: str = "default") -> list[BeatNode]:
-    recent = timezone.now() - timezone.timedelta(seconds=2.5)
+    """Leader rows written lately: a row is rewritten on a tick (at most TICK apart)
+    once WRITE_EVERY has passed, plus slack for a loaded machine; a leader killed
+    or paused in these tests stopped writing longer ago than that."""
+    recent = timezone.now() - timezone.timedelta(seconds=WRITE_EVERY + 2 * TICK + 1.5)
     return list(BeatNode.objects.filter(app_alias=alias, role="leader", last_tick__gte=recent))
 
 

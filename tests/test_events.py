@@ -186,7 +186,18 @@ def test_200_tasks_of_mixed_outcomes_on_redis_and_rabbitmq(default_worker, globa
 
     wait_for(all_final, 45, lambda: str(TaskRecord.objects.filter(task_id__in=expected)
                                         .values_list("state", flat=True)))
-    time.sleep(1.2)  # retries of flaky tasks: their last event may come one batch later
+    # Retries of flaky tasks and the workers' counters may come one batch later.
+    flaky = [task_id for task_id, (_, _, extra) in expected.items() if "retries" in extra]
+
+    def counted(alias: str, name: str) -> tuple[int, int] | None:
+        counters = worker_counters(alias).get(name)
+        return None if counters is None else (counters.failed, counters.retried)
+
+    def retries_and_counters_in() -> bool:
+        return TaskRecord.objects.filter(task_id__in=flaky, retries=1).count() == len(flaky) \
+            and all(counted(alias, worker.name) == (20, 10) for alias, worker in workers.items())
+
+    wait_for(retries_and_counters_in, 15, lambda: "retries or counters not recorded")
     records = {r.task_id: r for r in TaskRecord.objects.filter(task_id__in=expected)}
     for task_id, (alias, state, extra) in expected.items():
         record = records[task_id]

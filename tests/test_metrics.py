@@ -394,7 +394,9 @@ def test_a_stalled_broker_or_lock_server_costs_at_most_the_server_timeout(operat
             started = time.monotonic()
             found = scrape(operator_client)
             took = time.monotonic() - started
-    assert took < 0.3 + BACKGROUND_GRACE + 0.5, took
+    # Bounded well below the lock server's 5 s socket timeout; the rest is the
+    # database sources, rendering and the test client on a loaded machine.
+    assert took < 0.3 + BACKGROUND_GRACE + 2, took
     errors = {(dict(labels)["app"], dict(labels)["source"]): dict(labels)["error"]
               for name, labels in found if name == "celery_adv_scrape_error"}
     assert errors.get(("*", "lock_servers")) == "Timeout", errors

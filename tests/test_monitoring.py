@@ -142,8 +142,8 @@ def test_apps_are_read_concurrently_and_known_workers_end_a_reading_early(sessio
     started = time.monotonic()
     inspect_all(timeout=timeout, max_age=0)  # discovery: nothing known, waits the timeout
     discovery = time.monotonic() - started
-    # Three apps each waiting the timeout: concurrent means ~1x, not 3x.
-    assert timeout <= discovery < timeout + monitoring.HARD_GRACE
+    # Three apps each waiting the timeout: concurrent means ~1x, not 3x (4.5 s).
+    assert timeout <= discovery < 2 * timeout, discovery
 
     timings = []
     for _ in range(5):
@@ -151,8 +151,9 @@ def test_apps_are_read_concurrently_and_known_workers_end_a_reading_early(sessio
         statuses = inspect_all(timeout=timeout, max_age=0)
         timings.append(time.monotonic() - started)
         assert all(len(status.online) == 1 for status in statuses.values())
-    # Every known worker answered: no reading waited for its timeout.
-    assert sorted(timings)[2] < 0.3, timings
+    # Every known worker answered: no reading waited for its timeout (the
+    # median well below it, so that a loaded moment does not decide).
+    assert sorted(timings)[2] < timeout / 2, timings
     assert max(timings) < timeout, timings
 
 
