@@ -196,7 +196,7 @@ def test_a_down_broker_is_unreachable_within_the_timeout_and_hides_its_password(
         statuses = inspect_all(timeout=timeout)
         elapsed = time.monotonic() - started
 
-    assert elapsed <= timeout + 1
+    assert elapsed <= timeout + 2  # a broker's connection retries would take far longer
     for alias in ("down_redis", "down_amqp"):
         status = statuses[alias]
         assert status.reachable is False and status.workers == []
@@ -316,8 +316,8 @@ def test_a_worker_that_stops_answering_keeps_its_last_values(default_worker):
 
     # The next reading no longer waits for it (it did not answer the last one).
     started = time.monotonic()
-    again = inspect_all(["default"], timeout=0.6, max_age=0)["default"]
-    assert time.monotonic() - started < 0.5
+    again = inspect_all(["default"], timeout=3.0, max_age=0)["default"]
+    assert time.monotonic() - started < 2.0  # waiting for it would take the 3 s
     assert again.worker("busy@nowhere").concurrency == 2
     assert again.partial and again.missing == 1  # but it is still not read
 
